@@ -1,0 +1,358 @@
+"""Score every prompt of two sample files and rank them by how differently the models answer.
+
+Metrics (each in both directions ``_ab`` = on A's samples, ``_ba`` = on B's samples, and
+their mean without suffix):
+
+* ``mc_kl`` — Monte Carlo KL rate, needs cross-scores. nats/token for a shared tokenizer,
+  nats/byte otherwise (sequence log-probabilities of the same text).
+* ``topk_kl_lb``, ``topk_js_lb`` — coarse-grained lower bounds, need aligned cross-scores
+  with top-k. nats/position.
+* ``legacy_aligned`` — the older position-aligned heuristic (not a divergence).
+
+Uncertainty: percentile bootstrap over responses, resampling each model's responses
+independently; estimators are recomputed on each resample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from divscope.errors import SampleFileError
+from divscope.samples import PromptSamples, Response, SampleSet, check_same_prompts
+from divscope.topk import Padded, coarse_bounds, legacy_matrix, mc_kl_terms
+
+BASE_METRICS = ("mc_kl", "topk_kl_lb", "topk_js_lb", "legacy_aligned")
+ALL_METRICS = tuple(f"{m}{s}" for m in BASE_METRICS for s in ("", "_ab", "_ba"))
+LEGACY_NOTE = (
+    "legacy_aligned is a heuristic, not a divergence: it compares tokens at the same position "
+    "of different responses (different contexts) and can be negative"
+)
+NO_CROSS_NOTE = (
+    "these files carry no cross-scores, so no honest KL estimate exists; legacy_aligned is the "
+    "only score (re-sample with `divscope sample` and cross_score: true for mc_kl and the "
+    "top-k bounds)"
+)
+
+
+@dataclass
+class PromptScore:
+    """One prompt's scores; ``rank`` 1 is the most different, None when it cannot be scored."""
+
+    index: int
+    prompt: str
+    category: str | None
+    rank: int | None
+    reason: str | None
+    scores: dict[str, float | None]
+    ci: dict[str, list[float] | None]
+    coverage: dict[str, Any]
+    n_responses: list[int]
+    excluded_responses: list[int]
+    excluded_reasons: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class Ranking:
+    """All prompts of a file pair, scored and ranked by ``metric``."""
+
+    metric: str
+    models: list[str]
+    files: list[str]
+    units: dict[str, str]
+    available: list[str]
+    notes: list[str]
+    prompts: list[PromptScore]
+    n_bootstrap: int
+    ci_level: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``divscope rank --json`` document."""
+        return {
+            "metric": self.metric,
+            "models": self.models,
+            "files": self.files,
+            "units": self.units,
+            "available_metrics": self.available,
+            "notes": self.notes,
+            "bootstrap": {"n": self.n_bootstrap, "ci_level": self.ci_level},
+            "prompts": [asdict(p) for p in self.prompts],
+        }
+
+    def to_frame(self, metrics: list[str] | None = None):  # -> pandas.DataFrame
+        """One row per prompt, best rank first; columns for the chosen metrics and CIs."""
+        import pandas as pd
+
+        metrics = metrics or [m for m in self.available if not m.endswith(("_ab", "_ba"))]
+        rows = []
+        for p in sorted(self.prompts, key=_rank_key):
+            row: dict[str, Any] = {"rank": p.rank, "index": p.index, "prompt": p.prompt}
+            if any(q.category for q in self.prompts):
+                row["category"] = p.category
+            for m in metrics:
+                row[m] = p.scores.get(m)
+            ci = p.ci.get(self.metric)
+            row["ci_low"], row["ci_high"] = (ci if ci else (None, None))
+            row["n_a"], row["n_b"] = p.n_responses
+            row["excluded_a"], row["excluded_b"] = p.excluded_responses
+            row["reason"] = p.reason
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def _rank_key(p: PromptScore) -> tuple[int, int]:
+    return (p.rank if p.rank is not None else 1 << 30, p.index)
+
+
+# ---------------------------------------------------------------------------- per prompt
+
+
+@dataclass
+class _Direction:
+    """Per-response terms of one direction (samples of X scored by Y)."""
+
+    mc_sum: np.ndarray  # (n,)
+    mc_cnt: np.ndarray
+    kl_sum: np.ndarray
+    js_sum: np.ndarray
+    pos_cnt: np.ndarray
+    missing_cross: int
+
+
+def _direction_terms(responses: list[Response], other: str, per_byte: bool) -> _Direction | None:
+    if not responses or not all(other in r.cross for r in responses):
+        return None
+    mc_sum, mc_cnt, kl_sum, js_sum, pos_cnt = [], [], [], [], []
+    missing = 0
+    for r in responses:
+        c = r.cross[other]
+        s, n = mc_kl_terms(r.scores, c.scores, c.aligned and not per_byte, r.n_bytes)
+        missing += c.scores.n_missing
+        mc_sum.append(s if n else 0.0)  # a response Q could not fully score drops out
+        mc_cnt.append(n)
+        if c.aligned and c.scores.top_ids.shape[1] and r.scores.top_ids.shape[1]:
+            kl, js = coarse_bounds(r.scores, c.scores)
+            ok = ~np.isnan(kl)
+            kl_sum.append(kl[ok].sum())  # positions missing a logprob drop out
+            js_sum.append(js[ok].sum())
+            pos_cnt.append(int(ok.sum()))
+        else:
+            kl_sum.append(0.0)
+            js_sum.append(0.0)
+            pos_cnt.append(0)
+    return _Direction(*(np.asarray(v, dtype=np.float64) for v in
+                        (mc_sum, mc_cnt, kl_sum, js_sum, pos_cnt)), missing_cross=missing)
+
+
+def _ratio(s: np.ndarray, n: np.ndarray) -> float | None:
+    if n.sum() == 0:
+        return None
+    return float(s.sum() / n.sum())
+
+
+def _ratio_boot(s: np.ndarray, n: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return s[idx].sum(1) / n[idx].sum(1)
+
+
+def _legacy_values(sums: np.ndarray, cnts: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnts > 0, sums / np.maximum(cnts, 1), np.nan)
+
+
+def _nanmean(x: np.ndarray, axis: tuple[int, ...] | int | None = None) -> np.ndarray:
+    ok = ~np.isnan(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, x, 0.0).sum(axis) / ok.sum(axis)
+
+
+def score_prompt(
+    ra: PromptSamples,
+    rb: PromptSamples,
+    *,
+    model_a: str,
+    model_b: str,
+    per_byte: bool,
+    n_bootstrap: int,
+    ci_level: float,
+    rng: np.random.Generator,
+) -> PromptScore:
+    """Every available metric for one prompt, with bootstrap CIs over responses."""
+    ua, ub = ra.usable, rb.usable
+    scores: dict[str, float | None] = {}
+    boots: dict[str, np.ndarray] = {}
+    coverage: dict[str, Any] = {
+        "n_tokens": [int(sum(len(r.scores) for r in u)) for u in (ua, ub)],
+        "topk_mass": [_topk_mass(u) for u in (ua, ub)],
+    }
+    ps = PromptScore(
+        index=ra.index, prompt=ra.prompt, category=ra.category or rb.category, rank=None,
+        reason=None, scores=scores, ci={}, coverage=coverage,
+        n_responses=[len(ra.responses), len(rb.responses)],
+        excluded_responses=[len(ra.responses) - len(ua), len(rb.responses) - len(ub)],
+        excluded_reasons=[[r.excluded_reason for r in x.responses if r.excluded_reason]
+                          for x in (ra, rb)],
+    )
+    if not ua or not ub:
+        side = "A" if not ua else "B"
+        ps.reason = f"no response of model {side} carries logprobs"
+        return ps
+    na, nb = len(ua), len(ub)
+    ia = rng.integers(0, na, size=(n_bootstrap, na))
+    ib = rng.integers(0, nb, size=(n_bootstrap, nb))
+
+    # Honest metrics from cross-scores.
+    dirs = {"_ab": (_direction_terms(ua, model_b, per_byte), ia),
+            "_ba": (_direction_terms(ub, model_a, per_byte), ib)}
+    missing = 0
+    for suffix, (d, idx) in dirs.items():
+        if d is None:
+            continue
+        missing += d.missing_cross
+        for name, s, n in (("mc_kl", d.mc_sum, d.mc_cnt), ("topk_kl_lb", d.kl_sum, d.pos_cnt),
+                           ("topk_js_lb", d.js_sum, d.pos_cnt)):
+            v = _ratio(s, n)
+            if v is not None:
+                scores[name + suffix] = v
+                boots[name + suffix] = _ratio_boot(s, n, idx)
+    if any(d is not None for d, _ in dirs.values()):
+        coverage["missing_cross_logprobs"] = missing
+        cnt = sum(int(d.mc_cnt.sum()) for d, _ in dirs.values() if d is not None)
+        coverage["cross_scored_share"] = cnt / max(1, sum(coverage["n_tokens"])) if not per_byte \
+            else None
+
+    # Legacy heuristic, all response pairs, both directions.
+    pa = Padded.from_scores([r.scores for r in ua])
+    pb = Padded.from_scores([r.scores for r in ub])
+    s_ab, c_ab = legacy_matrix(pa, pb)  # (na, nb)
+    s_ba, c_ba = legacy_matrix(pb, pa)  # (nb, na)
+    v_ab, v_ba = _legacy_values(s_ab, c_ab), _legacy_values(s_ba, c_ba).T
+    compared = sum(min(x, y) for x in pa.lengths for y in pb.lengths)
+    coverage["matched_token_share"] = (
+        float((c_ab.sum() + c_ba.sum()) / (2 * compared)) if compared else 0.0
+    )
+    for suffix, v in (("_ab", v_ab), ("_ba", v_ba)):
+        if not np.isnan(v).all():
+            scores["legacy_aligned" + suffix] = float(np.nanmean(v))
+            boots["legacy_aligned" + suffix] = _nanmean(v[ia[:, :, None], ib[:, None, :]], (1, 2))
+    both = np.stack([v_ab, v_ba])
+    if not np.isnan(both).all():
+        scores["legacy_aligned"] = float(np.nanmean(both))
+        boots["legacy_aligned"] = _nanmean(both[:, ia[:, :, None], ib[:, None, :]], (0, 2, 3))
+
+    for name in ("mc_kl", "topk_kl_lb", "topk_js_lb"):
+        if name + "_ab" in scores and name + "_ba" in scores:
+            scores[name] = 0.5 * (scores[name + "_ab"] + scores[name + "_ba"])
+            boots[name] = 0.5 * (boots[name + "_ab"] + boots[name + "_ba"])
+
+    alpha = (1 - ci_level) / 2
+    for name, b in boots.items():
+        b = b[np.isfinite(b)]
+        if min(na, nb) < 2 or b.size < 0.9 * n_bootstrap:
+            ps.ci[name] = None  # one response per side: no spread to resample
+        else:
+            ps.ci[name] = [float(np.quantile(b, alpha)), float(np.quantile(b, 1 - alpha))]
+    return ps
+
+
+def _topk_mass(responses: list[Response]) -> float | None:
+    masses = [np.exp(r.scores.top_logprobs).sum(1) for r in responses
+              if r.scores.top_logprobs.shape[1]]
+    return float(np.concatenate(masses).mean()) if masses else None
+
+
+# ---------------------------------------------------------------------------- whole files
+
+
+def available_metrics(a: SampleSet, b: SampleSet) -> list[str]:
+    """Metrics the pair of files supports, best first."""
+    out = []
+    ab, ba = a.has_cross_scores(b.model), b.has_cross_scores(a.model)
+    if ab and ba:
+        out.append("mc_kl")
+    out += [m for m, ok in (("mc_kl_ab", ab), ("mc_kl_ba", ba)) if ok]
+    aligned_ab = ab and _all_aligned_topk(a, b.model)
+    aligned_ba = ba and _all_aligned_topk(b, a.model)
+    for base in ("topk_kl_lb", "topk_js_lb"):
+        if aligned_ab and aligned_ba:
+            out.append(base)
+        out += [f"{base}{s}" for s, ok in (("_ab", aligned_ab), ("_ba", aligned_ba)) if ok]
+    out += ["legacy_aligned", "legacy_aligned_ab", "legacy_aligned_ba"]
+    return out
+
+
+def _all_aligned_topk(s: SampleSet, other: str) -> bool:
+    return all(
+        r.cross[other].aligned and r.cross[other].scores.top_ids.shape[1] > 0
+        for rec in s.records for r in rec.usable
+    )
+
+
+def rank_prompts(
+    a: SampleSet,
+    b: SampleSet,
+    *,
+    metric: str | None = None,
+    max_prompts: int | None = None,
+    n_bootstrap: int = 1000,
+    ci_level: float = 0.95,
+    seed: int = 0,
+) -> Ranking:
+    """Score every prompt and rank by ``metric`` (default: the best the files support).
+
+    Raises:
+        SampleFileError: The files' prompts differ, or ``metric`` needs data they lack.
+        ValueError: ``metric`` is not a known metric name.
+    """
+    check_same_prompts(a, b)
+    if a.vocab is not b.vocab:
+        raise ValueError("load both files with one TokenVocab (use divscope.samples.load_pair)")
+    avail = available_metrics(a, b)
+    if metric is None:
+        metric = avail[0]
+    elif metric not in ALL_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(ALL_METRICS)}")
+    elif metric not in avail:
+        raise SampleFileError(
+            a.path, f"metric {metric!r} needs cross-scores these files do not carry "
+            f"(available: {', '.join(avail)})",
+            "re-sample with `divscope sample` and cross_score: true, or choose an available metric",
+        )
+    per_byte = any(
+        not c.aligned for s in (a, b) for rec in s.records for r in rec.usable
+        for c in r.cross.values()
+    )
+    unit_mc = "nats/byte" if per_byte else "nats/token"
+    units = {m: (unit_mc if m.startswith("mc_kl") else
+                 "heuristic (nats-like, not a divergence)" if m.startswith("legacy") else
+                 "nats/position") for m in avail}
+    notes = [LEGACY_NOTE]
+    if not any(m.startswith("mc_kl") for m in avail):
+        notes.insert(0, NO_CROSS_NOTE)
+    if per_byte:
+        notes.append("the models' tokenizers differ: mc_kl compares sequence log-probabilities "
+                     "of the same text, per byte")
+    rng = np.random.default_rng(seed)
+    n = len(a.records) if max_prompts is None else min(max_prompts, len(a.records))
+    prompts = [
+        score_prompt(ra, rb, model_a=a.model, model_b=b.model, per_byte=per_byte,
+                     n_bootstrap=n_bootstrap, ci_level=ci_level, rng=rng)
+        for ra, rb in zip(a.records[:n], b.records[:n], strict=True)
+    ]
+    scored = [p for p in prompts if p.scores.get(metric) is not None]
+    for p in prompts:
+        if p.scores.get(metric) is None and p.reason is None:
+            p.reason = f"{metric} could not be computed (no matched tokens or missing cross-scores)"
+    for r, p in enumerate(sorted(scored, key=lambda p: (-p.scores[metric], p.index)), start=1):
+        p.rank = r
+    for p in prompts:  # every metric key present, null where not available
+        for m in avail:
+            p.scores.setdefault(m, None)
+            p.ci.setdefault(m, None)
+    excluded = a.n_excluded + b.n_excluded
+    if excluded:
+        notes.append(f"{excluded} response(s) without logprobs were excluded (never scored as 0)")
+    return Ranking(metric, [a.model, b.model], [str(a.path), str(b.path)], units, avail, notes,
+                   prompts, n_bootstrap, ci_level)

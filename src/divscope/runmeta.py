@@ -1,0 +1,125 @@
+"""Run directories, metadata records and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import divscope
+
+
+def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and a rename.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False (nothing is written).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; not overwriting it (choose another path)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: Path, obj: Any, *, overwrite: bool = False) -> Path:
+    """Write ``obj`` as indented JSON, atomically (see :func:`atomic_write_text`)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
+                             overwrite=overwrite)
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The current git commit (with ``-dirty`` when the tree has changes), or None."""
+    try:
+        cwd = cwd or Path.cwd()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_info() -> dict[str, Any]:
+    """What the run ran on: platform, CPU count and, if torch is already imported, CUDA."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info
+
+
+def run_metadata(kind: str, parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A metadata record: what ran, with which parameters, version, commit, device, time."""
+    return {
+        "kind": kind,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "divscope_version": divscope.__version__,
+        "git_commit": git_commit(),
+        "device": device_info(),
+        "parameters": parameters,
+        **extra,
+    }
+
+
+def new_run_name(prefix: str) -> str:
+    """``<prefix>_<UTC timestamp>``, unique to the second."""
+    return f"{prefix}_{datetime.now(UTC).strftime('%Y%m%d_%H%M%S')}"
+
+
+def new_run_dir(base: Path, prefix: str) -> Path:
+    """Create a fresh ``base/<prefix>_<timestamp>[_n]`` directory; never reuses one."""
+    name = new_run_name(prefix)
+    for n in range(1000):
+        d = Path(base) / (name if n == 0 else f"{name}_{n}")
+        try:
+            d.mkdir(parents=True, exist_ok=False)
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run directory under {base}")
+
+
+class Timer:
+    """Wall-clock timings by name: ``with timer("load"): ...``; ``timer.seconds`` holds them."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> _Section:
+        return _Section(self, name)
+
+
+class _Section:
+    def __init__(self, timer: Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        dt = time.perf_counter() - self.t0
+        self.timer.seconds[self.name] = self.timer.seconds.get(self.name, 0.0) + dt

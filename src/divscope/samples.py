@@ -1,0 +1,629 @@
+"""Sample files: sampled responses with per-token logprobs, read into arrays.
+
+Three formats are read, all into the same in-memory shape (:class:`SampleSet`):
+
+* the legacy pickle: a list of ``{prompt, model, responses}`` where each response is an
+  OpenAI ``chat.completion`` dict (read with :func:`divscope.safe_pickle.safe_load_pickle`);
+* OpenRouter JSON: a JSON list of the same records (tokens may carry ``bytes``);
+* divscope JSONL: one record per prompt, responses stored column-wise (see :data:`FORMAT`),
+  optionally with tokenizer ids, byte offsets and cross-scores under other models.
+
+Per response, positions are held as arrays: ``ids (T,)`` interned token ids, ``logprobs (T,)``,
+``top_ids (T, K)`` padded with -1 and ``top_logprobs (T, K)`` padded with -inf. Token strings
+are interned in a :class:`TokenVocab` shared by the files that are compared, so metrics compare
+integers instead of walking dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from divscope.errors import SampleFileError
+from divscope.safe_pickle import safe_load_pickle
+
+FORMAT = "divscope.samples/1"
+# API logprobs are rounded floats; a log-probability a little above 0 is rounding, 0.5 is not.
+_LOGPROB_TOLERANCE = 1e-3
+
+
+class TokenVocab:
+    """Interns token strings as integers; share one between the files you compare."""
+
+    def __init__(self) -> None:
+        self._index: dict[str, int] = {}
+        self.strings: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.strings)
+
+    def id(self, token: str) -> int:
+        """Return the id of ``token``, adding it if new."""
+        j = self._index.get(token)
+        if j is None:
+            j = self._index[token] = len(self.strings)
+            self.strings.append(token)
+        return j
+
+    def ids(self, tokens: list[str]) -> np.ndarray:
+        """Return the ids of ``tokens`` as an int64 array of shape ``(len(tokens),)``."""
+        return np.fromiter((self.id(t) for t in tokens), dtype=np.int64, count=len(tokens))
+
+
+@dataclass
+class TokenScores:
+    """Per-position log-probabilities of a token sequence under one model.
+
+    Attributes:
+        tokens: Token strings, length T.
+        ids: Interned token ids, shape ``(T,)``.
+        logprobs: Log-probability of each token, shape ``(T,)``; NaN where the server gave none.
+        top_ids: Interned ids of the top-k alternatives, shape ``(T, K)``, -1 padded.
+        top_logprobs: Their log-probabilities, shape ``(T, K)``, -inf padded.
+        token_ids: Tokenizer ids where the server gave them, else None.
+        byte_offsets: Byte offset of each token in the text where known, else None.
+    """
+
+    tokens: list[str]
+    ids: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+    token_ids: np.ndarray | None = None
+    byte_offsets: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_missing(self) -> int:
+        """Positions without a log-probability."""
+        return int(np.isnan(self.logprobs).sum())
+
+
+@dataclass
+class CrossScore:
+    """Another model's log-probabilities of a response.
+
+    ``aligned`` means the scores are for this response's own tokens, position by position
+    (same tokenizer); otherwise ``scores`` holds the other model's own tokenisation of the
+    same text and only the sequence total is comparable (per byte).
+    """
+
+    aligned: bool
+    scores: TokenScores
+
+
+@dataclass
+class Response:
+    """One sampled response.
+
+    Attributes:
+        text: The response text.
+        finish_reason: As reported by the server.
+        scores: The generating model's per-token log-probabilities, or None when missing.
+        cross: Cross-scores by model name.
+        excluded_reason: Why the response cannot be scored (None when it can).
+    """
+
+    text: str
+    finish_reason: str | None
+    scores: TokenScores | None
+    cross: dict[str, CrossScore] = field(default_factory=dict)
+    excluded_reason: str | None = None
+
+    @property
+    def n_bytes(self) -> int:
+        """UTF-8 length of the text."""
+        return len(self.text.encode("utf-8"))
+
+
+@dataclass
+class PromptSamples:
+    """All responses of one model to one prompt."""
+
+    index: int
+    prompt: str
+    model: str
+    responses: list[Response]
+    category: str | None = None
+
+    @property
+    def usable(self) -> list[Response]:
+        """Responses that carry log-probabilities."""
+        return [r for r in self.responses if r.excluded_reason is None]
+
+
+@dataclass
+class SampleSet:
+    """A whole sample file: one model, one record per prompt."""
+
+    path: Path
+    model: str
+    records: list[PromptSamples]
+    vocab: TokenVocab
+    source_format: str
+
+    @property
+    def n_excluded(self) -> int:
+        """Responses excluded for missing log-probabilities, over all records."""
+        return sum(len(r.responses) - len(r.usable) for r in self.records)
+
+    def has_cross_scores(self, other_model: str) -> bool:
+        """Whether every usable response carries a cross-score under ``other_model``."""
+        usable = [resp for rec in self.records for resp in rec.usable]
+        return bool(usable) and all(other_model in resp.cross for resp in usable)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+class _Ctx:
+    """Where we are in a file, for error messages."""
+
+    def __init__(self, path: Path, record: int | None = None, response: int | None = None):
+        self.path, self.record, self.response = path, record, response
+
+    def error(self, problem: str, fix: str, token: int | None = None) -> SampleFileError:
+        return SampleFileError(
+            self.path, problem, fix, record=self.record, response=self.response, token=token
+        )
+
+
+_FIX_SHAPE = (
+    "each record must be {prompt, model, responses}; each response an OpenAI chat.completion "
+    "with choices[0].logprobs.content[*].{token, logprob, top_logprobs}, or divscope JSONL"
+)
+
+
+def _logprob(v: Any, ctx: _Ctx, token: int | None, allow_none: bool = False) -> float:
+    if v is None and allow_none:
+        return math.nan
+    if type(v) not in (float, int):
+        raise ctx.error(f"logprob {v!r} is not a number", _FIX_SHAPE, token)
+    v = float(v)
+    if math.isnan(v):
+        raise ctx.error(
+            "logprob is NaN",
+            "re-sample the response or drop it; a NaN log-probability cannot be scored",
+            token,
+        )
+    if v > _LOGPROB_TOLERANCE:
+        what = "+inf" if math.isinf(v) else f"{v:g} > 0"
+        raise ctx.error(
+            f"logprob is {what}, not a log-probability",
+            "check that the field holds natural-log probabilities (<= 0) from the server",
+            token,
+        )
+    return min(v, 0.0)
+
+
+def _str(v: Any, what: str, ctx: _Ctx, token: int | None = None) -> str:
+    if not isinstance(v, str):
+        raise ctx.error(f"{what} is {type(v).__name__}, expected a string", _FIX_SHAPE, token)
+    return v
+
+
+def _list(v: Any, what: str, ctx: _Ctx, token: int | None = None) -> list:
+    if not isinstance(v, list | tuple):
+        raise ctx.error(f"{what} is {type(v).__name__}, expected a list", _FIX_SHAPE, token)
+    return list(v)
+
+
+def _dict(v: Any, what: str, ctx: _Ctx, token: int | None = None) -> dict:
+    if not isinstance(v, dict):
+        raise ctx.error(f"{what} is {type(v).__name__}, expected an object", _FIX_SHAPE, token)
+    return v
+
+
+def _int_array(v: Any, n: int, what: str, ctx: _Ctx) -> np.ndarray | None:
+    if v is None:
+        return None
+    values = _list(v, what, ctx)
+    if len(values) != n or not all(type(x) is int for x in values):
+        raise ctx.error(f"{what} must be {n} integers", _FIX_SHAPE)
+    return np.asarray(values, dtype=np.int64)
+
+
+def _pack_topk(
+    top_tokens: list[list[str]], top_lps: list[list[float]], vocab: TokenVocab
+) -> tuple[np.ndarray, np.ndarray]:
+    k = max((len(t) for t in top_tokens), default=0)
+    n = len(top_tokens)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    lps = np.full((n, k), -np.inf, dtype=np.float64)
+    for i, (tt, tl) in enumerate(zip(top_tokens, top_lps, strict=True)):
+        if tt:
+            ids[i, : len(tt)] = vocab.ids(tt)
+            lps[i, : len(tl)] = tl
+    return ids, lps
+
+
+def _scores_from_openai(content: Any, ctx: _Ctx, vocab: TokenVocab) -> TokenScores:
+    """Parse ``choices[0].logprobs.content`` (a list of per-token dicts)."""
+    content = _list(content, "logprobs.content", ctx)
+    tokens: list[str] = []
+    lps: list[float] = []
+    top_tokens: list[list[str]] = []
+    top_lps: list[list[float]] = []
+    offsets: list[int] = []
+    have_bytes = True
+    offset = 0
+    for t, d in enumerate(content):
+        d = _dict(d, "a logprobs.content entry", ctx, t)
+        tokens.append(_str(d.get("token"), "token", ctx, t))
+        lps.append(_logprob(d.get("logprob"), ctx, t, allow_none=True))
+        tt: list[str] = []
+        tl: list[float] = []
+        for e in _list(d.get("top_logprobs") or [], "top_logprobs", ctx, t):
+            e = _dict(e, "a top_logprobs entry", ctx, t)
+            tt.append(_str(e.get("token"), "top_logprobs token", ctx, t))
+            tl.append(_logprob(e.get("logprob"), ctx, t))
+        top_tokens.append(tt)
+        top_lps.append(tl)
+        b = d.get("bytes")
+        if have_bytes and isinstance(b, list):
+            offsets.append(offset)
+            offset += len(b)
+        else:
+            have_bytes = False
+    ids, top_lp = _pack_topk(top_tokens, top_lps, vocab)
+    return TokenScores(
+        tokens=tokens,
+        ids=vocab.ids(tokens),
+        logprobs=np.asarray(lps, dtype=np.float64),
+        top_ids=ids,
+        top_logprobs=top_lp,
+        byte_offsets=np.asarray(offsets, dtype=np.int64) if have_bytes and tokens else None,
+    )
+
+
+def _scores_from_columns(d: Any, ctx: _Ctx, vocab: TokenVocab) -> TokenScores:
+    """Parse divscope's column-wise ``{tokens, logprobs, top_tokens, top_logprobs, ...}``."""
+    d = _dict(d, "logprobs", ctx)
+    tokens = [_str(t, "token", ctx, i) for i, t in enumerate(_list(d.get("tokens"), "tokens", ctx))]
+    n = len(tokens)
+    lps = _list(d.get("logprobs"), "logprobs.logprobs", ctx)
+    if len(lps) != n:
+        raise ctx.error(f"{len(lps)} logprobs for {n} tokens", _FIX_SHAPE)
+    lps = [_logprob(v, ctx, i, allow_none=True) for i, v in enumerate(lps)]
+    top_tokens = _list(d.get("top_tokens") or [[] for _ in range(n)], "top_tokens", ctx)
+    top_lps = _list(d.get("top_logprobs") or [[] for _ in range(n)], "top_logprobs", ctx)
+    if len(top_tokens) != n or len(top_lps) != n:
+        raise ctx.error(f"top_tokens/top_logprobs must have one list per token ({n})", _FIX_SHAPE)
+    tt_all, tl_all = [], []
+    for i, (tt, tl) in enumerate(zip(top_tokens, top_lps, strict=True)):
+        tt = [_str(x, "top token", ctx, i) for x in _list(tt, "top_tokens entry", ctx, i)]
+        tl = [_logprob(x, ctx, i) for x in _list(tl, "top_logprobs entry", ctx, i)]
+        if len(tt) != len(tl):
+            raise ctx.error("top_tokens and top_logprobs differ in length", _FIX_SHAPE, i)
+        tt_all.append(tt)
+        tl_all.append(tl)
+    ids, top_lp = _pack_topk(tt_all, tl_all, vocab)
+    return TokenScores(
+        tokens=tokens,
+        ids=vocab.ids(tokens),
+        logprobs=np.asarray(lps, dtype=np.float64),
+        top_ids=ids,
+        top_logprobs=top_lp,
+        token_ids=_int_array(d.get("token_ids"), n, "token_ids", ctx),
+        byte_offsets=_int_array(d.get("byte_offsets"), n, "byte_offsets", ctx),
+    )
+
+
+def _parse_response(raw: Any, ctx: _Ctx, vocab: TokenVocab) -> Response:
+    raw = _dict(raw, "the response", ctx)
+    if "choices" in raw or ("error" in raw and "text" not in raw):  # OpenAI chat.completion
+        choices = raw.get("choices")
+        if not choices:
+            err = raw.get("error")
+            reason = f"API error: {err}" if err else "no choices in the response"
+            return Response(text="", finish_reason=None, scores=None, excluded_reason=reason)
+        choice = _dict(_list(choices, "choices", ctx)[0], "choices[0]", ctx)
+        message = choice.get("message") or {}
+        message = _dict(message, "choices[0].message", ctx)
+        text = message.get("content") or ""
+        text = _str(text, "message.content", ctx)
+        finish = choice.get("finish_reason")
+        lp = choice.get("logprobs")
+        content = _dict(lp, "choices[0].logprobs", ctx).get("content") if lp else None
+        scores = _scores_from_openai(content, ctx, vocab) if content is not None else None
+        cross_raw = raw.get("cross_scores")
+    else:  # divscope JSONL response
+        text = _str(raw.get("text", ""), "text", ctx)
+        finish = raw.get("finish_reason")
+        lp = raw.get("logprobs")
+        scores = _scores_from_columns(lp, ctx, vocab) if lp is not None else None
+        cross_raw = raw.get("cross_scores")
+        if raw.get("error"):
+            return Response(text, None, None, excluded_reason=f"error: {raw['error']}")
+    if finish is not None and not isinstance(finish, str):
+        raise ctx.error("finish_reason must be a string", _FIX_SHAPE)
+    reason = None
+    if scores is None:
+        reason = "no logprobs in the response"
+    elif len(scores) == 0:
+        reason = "empty response (no tokens)"
+    elif scores.n_missing:
+        reason = f"{scores.n_missing} of {len(scores)} tokens have no logprob"
+    cross: dict[str, CrossScore] = {}
+    for model, c in _dict(cross_raw or {}, "cross_scores", ctx).items():
+        c = _dict(c, f"cross_scores[{model!r}]", ctx)
+        cs = _scores_from_columns(c, ctx, vocab)
+        aligned = bool(c.get("aligned", False))
+        if aligned and scores is not None and cs.tokens != scores.tokens:
+            raise ctx.error(
+                f"cross-score under {model!r} is marked aligned but its tokens differ from the "
+                "response's tokens",
+                "set aligned: false (different tokenizer) or re-score the response's own tokens",
+            )
+        cross[model] = CrossScore(aligned=aligned, scores=cs)
+    return Response(text, finish, scores, cross, reason)
+
+
+def _prompt_text(v: Any, ctx: _Ctx) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(m, dict) for m in v):  # chat messages
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in v)
+    raise ctx.error(f"prompt is {type(v).__name__}, expected a string", _FIX_SHAPE)
+
+
+def _parse_record(raw: Any, i: int, path: Path, vocab: TokenVocab) -> PromptSamples:
+    ctx = _Ctx(path, i)
+    raw = _dict(raw, "the record", ctx)
+    if "prompt" not in raw or "responses" not in raw:
+        missing = [k for k in ("prompt", "responses") if k not in raw]
+        raise ctx.error(f"missing key(s) {missing}", _FIX_SHAPE)
+    prompt = _prompt_text(raw["prompt"], ctx)
+    model = raw.get("model")
+    model = _str(model, "model", ctx) if model is not None else path.stem
+    category = raw.get("category")
+    if category is not None:
+        category = _str(category, "category", ctx)
+    responses_raw = _list(raw["responses"], "responses", ctx)
+    if not responses_raw:
+        raise ctx.error(
+            f"no responses for prompt {_short(prompt)!r} (the provider returned nothing)",
+            "re-sample this prompt, or drop the record from both files",
+        )
+    responses = []
+    for j, r in enumerate(responses_raw):
+        responses.append(_parse_response(r, _Ctx(path, i, j), vocab))
+    index = raw.get("index", i)
+    if type(index) is not int:
+        raise ctx.error("index must be an integer", _FIX_SHAPE)
+    return PromptSamples(index, prompt, model, responses, category)
+
+
+def _short(s: str, n: int = 60) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _json_constant(name: str) -> float:
+    # NaN / Infinity / -Infinity are not JSON but Python writes them; validation rejects NaN/+inf.
+    return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
+
+
+def _sniff(path: Path, head: bytes) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".pkl", ".pickle"):
+        return "pickle"
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix == ".json":
+        return "json"
+    if head[:1] == b"\x80":
+        return "pickle"
+    stripped = head.lstrip()
+    if stripped[:1] == b"[":
+        return "json"
+    if stripped[:1] == b"{":
+        return "jsonl"
+    raise SampleFileError(
+        path,
+        "cannot tell the format (not a pickle, a JSON list or JSONL)",
+        "name the file .pkl, .json or .jsonl",
+    )
+
+
+def _read_raw_records(path: Path) -> tuple[list[Any], str]:
+    if not path.exists():
+        raise SampleFileError(path, "no such file", "check the path")
+    if path.is_dir():
+        raise SampleFileError(path, "is a directory", "give a sample file (.pkl, .json, .jsonl)")
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not head.strip():
+        raise SampleFileError(path, "the file is empty", "re-create it with the sampler")
+    fmt = _sniff(path, head)
+    if fmt == "pickle":
+        obj = safe_load_pickle(path)
+        return _top_list(obj, path), fmt
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SampleFileError(path, f"not UTF-8 text ({e})", "re-create the file") from e
+    if fmt == "json":
+        try:
+            obj = json.loads(text, parse_constant=_json_constant)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise SampleFileError(
+                path, f"truncated or corrupt JSON ({e})", "re-copy or re-create the file"
+            ) from e
+        return _top_list(obj, path), fmt
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line, parse_constant=_json_constant))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise SampleFileError(
+                path,
+                f"line {lineno} (record {len(records)}) is truncated or corrupt JSON ({e})",
+                "re-run the sampler on the same config to resume (it rewrites incomplete "
+                "records), or delete the broken line",
+                record=len(records),
+            ) from e
+    return records, fmt
+
+
+def _top_list(obj: Any, path: Path) -> list[Any]:
+    if not isinstance(obj, list):
+        raise SampleFileError(
+            path, f"the top level is a {type(obj).__name__}, expected a list of records", _FIX_SHAPE
+        )
+    return obj
+
+
+def load_samples(path: str | Path, vocab: TokenVocab | None = None) -> SampleSet:
+    """Read a sample file (legacy pickle, OpenRouter JSON or divscope JSONL).
+
+    Args:
+        path: The file.
+        vocab: Token vocabulary to intern into; share one between files you compare.
+
+    Returns:
+        The file's records as arrays.
+
+    Raises:
+        SampleFileError: The file is missing, truncated, corrupt, holds NaN or +inf
+            logprobs, a record without responses, or mixes models.
+    """
+    path = Path(path)
+    vocab = vocab if vocab is not None else TokenVocab()
+    raws, fmt = _read_raw_records(path)
+    if not raws:
+        raise SampleFileError(path, "the file holds no records", "re-create it with the sampler")
+    records = []
+    for i, raw in enumerate(raws):
+        try:
+            records.append(_parse_record(raw, i, path, vocab))
+        except SampleFileError:
+            raise
+        except (RecursionError, MemoryError, OverflowError) as e:
+            raise SampleFileError(path, f"unreadable record ({e})", _FIX_SHAPE, record=i) from e
+    models = {r.model for r in records}
+    if len(models) > 1:
+        first = records[0].model
+        bad = next(r for r in records if r.model != first)
+        raise SampleFileError(
+            path,
+            f"mixes models ({first!r} in record 0, {bad.model!r} in record {bad.index})",
+            "keep one model per sample file",
+            record=bad.index,
+        )
+    return SampleSet(path, records[0].model, records, vocab, fmt)
+
+
+def load_pair(path_a: str | Path, path_b: str | Path) -> tuple[SampleSet, SampleSet]:
+    """Read two sample files on the same prompts, sharing one vocabulary.
+
+    Raises:
+        SampleFileError: Either file is bad, or their prompts differ (the message names the
+            first differing index and both prompts).
+    """
+    vocab = TokenVocab()
+    a = load_samples(path_a, vocab)
+    b = load_samples(path_b, vocab)
+    check_same_prompts(a, b)
+    return a, b
+
+
+def check_same_prompts(a: SampleSet, b: SampleSet) -> None:
+    """Raise :class:`SampleFileError` unless ``a`` and ``b`` hold the same prompts in order."""
+    for i, (ra, rb) in enumerate(zip(a.records, b.records, strict=False)):
+        if ra.prompt != rb.prompt:
+            raise SampleFileError(
+                b.path,
+                f"prompt {i} differs from {a.path.name}: {_short(ra.prompt)!r} vs "
+                f"{_short(rb.prompt)!r}",
+                "sample both models on the same prompt list, in the same order",
+                record=i,
+            )
+    if len(a.records) != len(b.records):
+        longer, shorter = (a, b) if len(a.records) > len(b.records) else (b, a)
+        i = len(shorter.records)
+        raise SampleFileError(
+            longer.path,
+            f"has {len(longer.records)} prompts, {shorter.path.name} has {len(shorter.records)}; "
+            f"prompt {i} {_short(longer.records[i].prompt)!r} has no counterpart",
+            "sample both models on the same prompt list",
+            record=i,
+        )
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _columns(s: TokenScores) -> dict[str, Any]:
+    top_tokens, top_lps = [], []
+    for ids, lps in zip(s.top_ids, s.top_logprobs, strict=True):
+        keep = ids >= 0
+        top_tokens.append(ids[keep].tolist())
+        top_lps.append(lps[keep].tolist())
+    return {
+        "tokens": s.tokens,
+        "logprobs": [None if math.isnan(v) else v for v in s.logprobs.tolist()],
+        "top_token_ids": top_tokens,  # replaced by strings in record_to_json
+        "top_logprobs": top_lps,
+        "token_ids": None if s.token_ids is None else s.token_ids.tolist(),
+        "byte_offsets": None if s.byte_offsets is None else s.byte_offsets.tolist(),
+    }
+
+
+def record_to_json(rec: PromptSamples, vocab: TokenVocab) -> dict[str, Any]:
+    """Return ``rec`` as a divscope JSONL record (a JSON-ready dict)."""
+
+    def cols(s: TokenScores) -> dict[str, Any]:
+        c = _columns(s)
+        c["top_tokens"] = [[vocab.strings[j] for j in row] for row in c.pop("top_token_ids")]
+        return c
+
+    responses = []
+    for r in rec.responses:
+        out: dict[str, Any] = {
+            "text": r.text,
+            "finish_reason": r.finish_reason,
+            "logprobs": None if r.scores is None else cols(r.scores),
+        }
+        if r.scores is None and r.excluded_reason and r.excluded_reason.startswith(("API", "err")):
+            out["error"] = r.excluded_reason
+        if r.cross:
+            out["cross_scores"] = {
+                m: {"aligned": c.aligned, **cols(c.scores)} for m, c in r.cross.items()
+            }
+        responses.append(out)
+    return {
+        "format": FORMAT,
+        "index": rec.index,
+        "prompt": rec.prompt,
+        "model": rec.model,
+        "category": rec.category,
+        "responses": responses,
+    }
+
+
+def write_samples_jsonl(samples: SampleSet, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``samples`` as divscope JSONL, atomically.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    from divscope.runmeta import atomic_write_text
+
+    lines = [
+        # -inf (probability 0) is written as -Infinity, which load_samples reads back.
+        json.dumps(record_to_json(r, samples.vocab), ensure_ascii=False)
+        for r in samples.records
+    ]
+    return atomic_write_text(Path(path), "\n".join(lines) + "\n", overwrite=overwrite)

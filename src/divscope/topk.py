@@ -1,0 +1,173 @@
+"""Divergence estimates from API log-probabilities (sampled token + top-k), in nats.
+
+No exact KL exists from top-k logprobs. What is computed here is honest about that:
+
+* :func:`mc_kl_terms` — the Monte Carlo estimate of the per-token KL rate,
+  ``mean_x [log P(x) - log Q(x)]`` over tokens x sampled from P. Unbiased for the
+  per-token KL rate; a single sample can be negative.
+* :func:`coarse_bounds` — at each position, keep the tokens whose probability is known in
+  both P and Q, merge the rest of each distribution into one tail bucket, and compute KL and
+  JS of those coarse distributions. By the data-processing inequality both are lower bounds
+  of the true per-position KL(P||Q) and JS(P, Q).
+* :func:`legacy_matrix` — the older position-aligned heuristic (not a divergence; can be
+  negative), kept so old results can be compared.
+
+All inputs are natural-log probabilities; -inf means probability 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from divscope.samples import TokenScores
+
+LN2 = float(np.log(2.0))
+# A tail mass below this is rounding in the API's logprobs. Raising Q's tail to it can only
+# lower p*log(p/q), so the coarse KL stays a lower bound (see coarse_bounds).
+TAIL_FLOOR = 1e-12
+
+
+def log1mexp(a: np.ndarray) -> np.ndarray:
+    """``log(1 - exp(a))`` for ``a <= 0``, accurate near both ends; -inf where ``a >= 0``."""
+    a = np.minimum(np.asarray(a, dtype=np.float64), 0.0)
+    with np.errstate(divide="ignore"):
+        return np.where(a > -LN2, np.log(-np.expm1(a)), np.log1p(-np.exp(a)))
+
+
+def plogratio(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    """Elementwise ``p * (log p - log q)`` from logs, with ``0 * anything = 0``."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.exp(lp) * (lp - lq)
+    return np.where(np.isneginf(lp), 0.0, out)
+
+
+def mc_kl_terms(p: TokenScores, q: TokenScores, aligned: bool, n_bytes: int) -> tuple[float, int]:
+    """Sum of ``log P(x) - log Q(x)`` over one response sampled from P, and its normaliser.
+
+    Args:
+        p: The generating model's scores of its response, T positions.
+        q: The other model's scores of the same response (cross-score).
+        aligned: Whether ``q`` scores ``p``'s tokens position by position (same tokenizer).
+        n_bytes: UTF-8 length of the response text (normaliser when not aligned).
+
+    Returns:
+        ``(sum, count)``: count is the number of tokens (aligned) or of bytes (not aligned);
+        the estimate over several responses is ``sum(sums) / sum(counts)`` (normalised once).
+        ``(nan, 0)`` when Q lacks a logprob anywhere in the sequence.
+    """
+    if np.isnan(q.logprobs).any():
+        return float("nan"), 0
+    if aligned:
+        return float(np.sum(p.logprobs - q.logprobs)), len(p)
+    return float(p.logprobs.sum() - q.logprobs.sum()), n_bytes
+
+
+def _known_entries(s: TokenScores) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled token + top-k per position, ``(T, 1 + K)``; duplicates and padding get id -1."""
+    ids = np.concatenate([s.ids[:, None], s.top_ids], axis=1)
+    lps = np.concatenate([s.logprobs[:, None], s.top_logprobs], axis=1)
+    k = ids.shape[1]
+    earlier = np.tril(np.ones((k, k), dtype=bool), -1)
+    dup = ((ids[:, :, None] == ids[:, None, :]) & earlier).any(-1)
+    ids = np.where(dup | (ids < 0), -1, ids)
+    return ids, lps
+
+
+def coarse_bounds(p: TokenScores, q: TokenScores) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position lower bounds of KL(P||Q) and JS(P, Q) from known probabilities.
+
+    At position t let S_t be the tokens whose probability is known under both P and Q (the
+    sampled token and top-k entries present on both sides). The coarse distributions are
+    ``(P(x) for x in S_t) + [1 - P(S_t)]`` and the same for Q; KL and JS of these are lower
+    bounds of the full-vocabulary values (data-processing inequality).
+
+    Args:
+        p: P's scores of the response, ``(T,)`` tokens and ``(T, K)`` top-k.
+        q: Q's aligned scores of the same tokens, ``(T,)`` and ``(T, K')``.
+
+    Returns:
+        ``(kl, js)``, each of shape ``(T,)``, in nats; NaN where a logprob is missing.
+    """
+    p_ids, p_lps = _known_entries(p)
+    q_ids, q_lps = _known_entries(q)
+    eq = (p_ids[:, :, None] == q_ids[:, None, :]) & (p_ids >= 0)[:, :, None]  # (T, Kp, Kq)
+    in_both = eq.any(-1)
+    lp = np.where(in_both, p_lps, -np.inf)
+    lq = np.where(eq, q_lps[:, None, :], -np.inf).max(-1)
+    lq = np.where(in_both, lq, -np.inf)
+    with np.errstate(divide="ignore"):
+        lp_tail = log1mexp(np.logaddexp.reduce(lp, axis=1))
+        lq_tail = np.maximum(log1mexp(np.logaddexp.reduce(lq, axis=1)), np.log(TAIL_FLOOR))
+    lp_all = np.concatenate([lp, lp_tail[:, None]], axis=1)
+    lq_all = np.concatenate([lq, lq_tail[:, None]], axis=1)
+    kl = plogratio(lp_all, lq_all).sum(1)
+    lm = np.logaddexp(lp_all, lq_all) - LN2
+    js = 0.5 * plogratio(lp_all, lm).sum(1) + 0.5 * plogratio(lq_all, lm).sum(1)
+    missing = np.isnan(p.logprobs) | np.isnan(q.logprobs)
+    kl = np.where(missing, np.nan, np.maximum(kl, 0.0))
+    js = np.where(missing, np.nan, np.clip(js, 0.0, LN2))
+    return kl, js
+
+
+@dataclass
+class Padded:
+    """Responses of one model to one prompt, padded to ``(n, T)`` / ``(n, T, K)``."""
+
+    ids: np.ndarray  # (n, T), -2 padded
+    logprobs: np.ndarray  # (n, T), 0 padded
+    top_ids: np.ndarray  # (n, T, K), -1 padded
+    top_logprobs: np.ndarray  # (n, T, K), -inf padded
+    lengths: np.ndarray  # (n,)
+
+    @classmethod
+    def from_scores(cls, scores: list[TokenScores]) -> Padded:
+        n = len(scores)
+        t = max((len(s) for s in scores), default=0)
+        k = max((s.top_ids.shape[1] for s in scores), default=0)
+        out = cls(
+            ids=np.full((n, t), -2, dtype=np.int64),
+            logprobs=np.zeros((n, t)),
+            top_ids=np.full((n, t, k), -1, dtype=np.int64),
+            top_logprobs=np.full((n, t, k), -np.inf),
+            lengths=np.array([len(s) for s in scores], dtype=np.int64),
+        )
+        for i, s in enumerate(scores):
+            m, kk = len(s), s.top_ids.shape[1]
+            out.ids[i, :m] = s.ids
+            out.logprobs[i, :m] = s.logprobs
+            out.top_ids[i, :m, :kk] = s.top_ids
+            out.top_logprobs[i, :m, :kk] = s.top_logprobs
+        return out
+
+
+def legacy_contributions(a: Padded, b: Padded) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token terms of the legacy position-aligned heuristic, direction a -> b.
+
+    For response pair (i, j) and position t < min(len_i, len_j): x = a_i's token at t,
+    p = its probability under a; q = b_j's probability of x at the same position, taken from
+    b_j's sampled token or its top-k; the term is ``p * log(p / q)``, and positions where x is
+    not found are not matched. This is a heuristic: the two positions have different contexts.
+
+    Returns:
+        ``(terms, matched)``, both ``(n_a, n_b, T)``; terms are 0 where not matched.
+    """
+    t = min(a.ids.shape[1], b.ids.shape[1])
+    x = a.ids[:, None, :t]
+    lp = a.logprobs[:, None, :t]
+    same = b.ids[None, :, :t] == x
+    top_eq = b.top_ids[None, :, :t, :] == x[..., None]
+    lq_top = np.where(top_eq, b.top_logprobs[None, :, :t, :], -np.inf).max(-1, initial=-np.inf)
+    lq = np.where(same, b.logprobs[None, :, :t], lq_top)
+    pos = np.arange(t)
+    valid = (pos < a.lengths[:, None, None]) & (pos < b.lengths[None, :, None])
+    matched = valid & (same | top_eq.any(-1))
+    terms = np.where(matched, plogratio(np.broadcast_to(lp, lq.shape), lq), 0.0)
+    return terms, matched
+
+
+def legacy_matrix(a: Padded, b: Padded) -> tuple[np.ndarray, np.ndarray]:
+    """Sums and matched counts of the legacy heuristic per response pair, ``(n_a, n_b)`` each."""
+    terms, matched = legacy_contributions(a, b)
+    return terms.sum(-1), matched.sum(-1)
