@@ -504,6 +504,12 @@ def load_samples(path: str | Path, vocab: TokenVocab | None = None) -> SampleSet
     raws, fmt = _read_raw_records(path)
     if not raws:
         raise SampleFileError(path, "the file holds no records", "re-create it with the sampler")
+    if all(isinstance(r, dict) and r.get("responses") == [] for r in raws):
+        raise SampleFileError(
+            path,
+            f"all {len(raws)} records have no responses: the sampling run came back empty",
+            "check the provider, model name and API key, then re-sample",
+        )
     records = []
     for i, raw in enumerate(raws):
         try:

@@ -1,0 +1,162 @@
+# %% [markdown]
+# # kl_demo — on which prompts do two models answer most differently?
+#
+# Reads two files of sampled responses with per-token logprobs (same prompts, two models),
+# scores every prompt with the best divergence measure the files support, and ranks them.
+# With cross-scores (each model's logprobs of the other's responses) that is `mc_kl`, a
+# Monte Carlo KL estimate, plus lower bounds from the top-k logprobs; without them only the
+# legacy position-aligned heuristic exists, and the output says so.
+#
+# Run it cell by cell in VS Code ("Run Cell" above each `# %%`), or end to end with
+# `python kl_demo.py` (or `make demo`). Change the parameters below and rerun.
+# Results go to `eval_results/<run>/`, figures to `figures/<run>/`.
+
+# %% Parameters
+MODEL1_FILE = "data/samples/cloud_20251013_094801.pkl"  # samples of model A (.pkl, .json, .jsonl)
+MODEL2_FILE = "data/samples/google_gemma-2-9b-it_20251012_185239.json"  # model B, same prompts
+MAX_PROMPTS = None  # score only the first K prompts (None = all)
+TOP_N_DISPLAY = 10  # rows of the ranked table to show
+METRIC = None  # rank by this metric (None = best available; see README for the list)
+N_BOOTSTRAP = 1000  # bootstrap resamples over responses for the confidence intervals
+SEED = 0  # bootstrap seed
+OUTPUT_DIR = "eval_results"  # results: OUTPUT_DIR/<run>/ranking.json + metadata.json
+FIGURES_DIR = "figures"  # figures: FIGURES_DIR/<run>/*.png
+RUN_PREFIX = "kl_demo"  # run names are <prefix>_<UTC timestamp>
+
+# %% Imports
+import time
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+
+from divscope import plots
+from divscope.contributions import token_contributions
+from divscope.ranking import rank_prompts
+from divscope.runmeta import atomic_write_json, new_run_dir, run_metadata
+from divscope.samples import load_pair
+
+pd.set_option("display.max_colwidth", 70)
+pd.set_option("display.width", 160)
+t_start = time.perf_counter()
+
+
+def show(fig: plt.Figure, name: str) -> None:
+    """Save a figure under the run's figure directory, then show it (no-op when headless)."""
+    path = fig_dir / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"saved {path}")
+    if matplotlib.get_backend().lower().endswith("agg"):
+        plt.close(fig)
+    else:
+        plt.show()
+
+
+# %% Load the two sample files
+a, b = load_pair(MODEL1_FILE, MODEL2_FILE)
+run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
+fig_dir = Path(FIGURES_DIR) / run_dir.name
+fig_dir.mkdir(parents=True, exist_ok=True)
+t_loaded = time.perf_counter()
+
+# %% Data summary: prompts, responses per prompt, models, coverage
+summary = pd.DataFrame(
+    [
+        {
+            "model": s.model,
+            "file": s.path.name,
+            "format": s.source_format,
+            "prompts": len(s.records),
+            "responses/prompt": np.mean([len(r.responses) for r in s.records]),
+            "excluded (no logprobs)": s.n_excluded,
+            "tokens/response": np.mean([len(x.scores) for r in s.records for x in r.usable]),
+            "top-k": max(x.scores.top_ids.shape[1] for r in s.records for x in r.usable),
+            "cross-scored by other": s.has_cross_scores((b if s is a else a).model),
+        }
+        for s in (a, b)
+    ],
+    index=["A", "B"],
+)
+display(summary)
+
+# %% One example prompt and response
+example = a.records[0]
+print(f"PROMPT [{example.index}]: {example.prompt}\n")
+r0 = example.usable[0]
+print(f"{a.model} (response 0, {len(r0.scores)} tokens, finish: {r0.finish_reason}):")
+print(r0.text[:800] + ("…" if len(r0.text) > 800 else ""))
+first = pd.DataFrame(
+    {
+        "token": r0.scores.tokens[:8],
+        "logprob": r0.scores.logprobs[:8],
+        "top-3": [
+            ", ".join(f"{a.vocab.strings[j]!r}:{v:.2f}" for j, v in zip(ids[:3], lps[:3]))
+            for ids, lps in zip(r0.scores.top_ids[:8], r0.scores.top_logprobs[:8])
+        ],
+    }
+)
+display(first)
+
+# %% Score and rank every prompt
+ranking = rank_prompts(a, b, metric=METRIC, max_prompts=MAX_PROMPTS, n_bootstrap=N_BOOTSTRAP,
+                       seed=SEED)
+t_ranked = time.perf_counter()
+print(f"ranked by {ranking.metric} [{ranking.units[ranking.metric]}]")
+for note in ranking.notes:
+    print("note:", note)
+table = ranking.to_frame()
+display(table.head(TOP_N_DISPLAY))
+
+# %% The most different prompt, in full, with a token-level view
+top = min((p for p in ranking.prompts if p.rank is not None), key=lambda p: p.rank)
+ra, rb = a.records[top.index], b.records[top.index]
+print(f"#1 by {ranking.metric} = {top.scores[ranking.metric]:.4f}  CI {top.ci[ranking.metric]}")
+print(f"PROMPT [{top.index}]: {top.prompt}\n")
+for name, rec in (("A: " + a.model, ra), ("B: " + b.model, rb)):
+    print(f"--- {name}, response 0 of {len(rec.usable)} ---")
+    print(rec.usable[0].text[:1000] + ("…" if len(rec.usable[0].text) > 1000 else ""), "\n")
+tokens, values, kind = token_contributions(ra, rb, 0, model_b=b.model)
+fig = plots.token_view(
+    tokens, values,
+    title=f"A's response 0 to prompt #{top.index}, coloured by per-token {kind} contribution "
+    "(red: A more likely than B; grey: not matched in B)",
+)
+show(fig, "top_prompt_tokens")
+
+# %% Summary statistics
+m = ranking.metric
+vals = pd.Series([p.scores[m] for p in ranking.prompts if p.scores.get(m) is not None])
+stats = vals.describe().to_frame(m).T
+stats["unscored"] = sum(p.rank is None for p in ranking.prompts)
+stats["mean matched-token share"] = np.mean(
+    [p.coverage.get("matched_token_share", np.nan) for p in ranking.prompts]
+)
+display(stats)
+
+# %% Figures: prompts x metrics, ranked scores with CIs, score distribution, categories
+show(plots.score_heatmap(ranking, top=TOP_N_DISPLAY), "heatmap_prompts_x_metrics")
+show(plots.ranked_scores(ranking, top=TOP_N_DISPLAY), "ranked_scores")
+show(plots.score_distribution(ranking), "score_distribution")
+if any(p.category for p in ranking.prompts):
+    show(plots.category_means(ranking, seed=SEED), "category_means")
+else:
+    print("no prompt categories in these files; skipping the per-category figure")
+
+# %% Save the ranking and a metadata record
+atomic_write_json(run_dir / "ranking.json", ranking.to_json())
+meta = run_metadata(
+    "kl_demo",
+    {
+        "MODEL1_FILE": MODEL1_FILE, "MODEL2_FILE": MODEL2_FILE, "MAX_PROMPTS": MAX_PROMPTS,
+        "METRIC": ranking.metric, "N_BOOTSTRAP": N_BOOTSTRAP, "SEED": SEED,
+    },
+    models=ranking.models,
+    figures=str(fig_dir),
+    timings_s={"load": t_loaded - t_start, "rank": t_ranked - t_loaded,
+               "total": time.perf_counter() - t_start},
+)
+atomic_write_json(run_dir / "metadata.json", meta)
+print(f"wrote {run_dir}/ranking.json and metadata.json; figures in {fig_dir}")

@@ -1,0 +1,108 @@
+"""The ``divscope`` command line: ``divscope rank``, ``divscope convert``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from divscope import __version__
+from divscope.errors import SampleFileError
+from divscope.ranking import ALL_METRICS, Ranking, rank_prompts
+from divscope.runmeta import atomic_write_json
+from divscope.samples import load_pair, load_samples, write_samples_jsonl
+
+
+def _short(s: str, n: int) -> str:
+    s = " ".join(s.split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def format_ranking(r: Ranking, top: int | None = None) -> str:
+    """The ranked table ``divscope rank`` prints."""
+    m = r.metric
+    lines = [
+        f"models: A = {r.models[0]}   B = {r.models[1]}",
+        f"metric: {m} ({r.units.get(m, '')}); {int(r.ci_level * 100)}% bootstrap CI over "
+        f"responses, {r.n_bootstrap} resamples",
+    ]
+    lines += [f"note: {n}" for n in r.notes]
+    header = f"{'rank':>4} {'idx':>4} {m:>12} {'ci':>19} {'n_a':>4} {'n_b':>4} {'excl':>5}  prompt"
+    lines += ["", header, "-" * len(header)]
+    ordered = sorted(r.prompts, key=lambda p: (p.rank is None, p.rank or 0, p.index))
+    shown = [p for p in ordered if p.rank is not None][: top or None]
+    shown += [p for p in ordered if p.rank is None]
+    for p in shown:
+        v = p.scores.get(m)
+        ci = p.ci.get(m)
+        ci_s = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
+        v_s = f"{v:.4f}" if v is not None else "-"
+        rank = str(p.rank) if p.rank is not None else "-"
+        excl = f"{p.excluded_responses[0]}/{p.excluded_responses[1]}"
+        text = _short(p.prompt, 60) if p.rank is not None else f"({p.reason}) {_short(p.prompt, 40)}"
+        lines.append(f"{rank:>4} {p.index:>4} {v_s:>12} {ci_s:>19} {p.n_responses[0]:>4} "
+                     f"{p.n_responses[1]:>4} {excl:>5}  {text}")
+    return "\n".join(lines)
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    a, b = load_pair(args.file_a, args.file_b)
+    ranking = rank_prompts(a, b, metric=args.metric, max_prompts=args.max_prompts,
+                           n_bootstrap=args.n_bootstrap, seed=args.seed)
+    print(format_ranking(ranking, args.top))
+    if args.json:
+        atomic_write_json(Path(args.json), ranking.to_json(), overwrite=args.overwrite)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    samples = load_samples(args.input)
+    out = write_samples_jsonl(samples, args.output, overwrite=args.overwrite)
+    n = sum(len(r.responses) for r in samples.records)
+    print(f"wrote {out}: {len(samples.records)} prompts, {n} responses ({samples.model})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and the tests)."""
+    p = argparse.ArgumentParser(prog="divscope", description=__doc__)
+    p.add_argument("--version", action="version", version=f"divscope {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("rank", help="rank prompts by how differently two models answer")
+    r.add_argument("file_a", help="samples of model A (.pkl, .json or .jsonl)")
+    r.add_argument("file_b", help="samples of model B on the same prompts")
+    r.add_argument("--metric", choices=ALL_METRICS, default=None,
+                   help="score to rank by (default: the best the files support)")
+    r.add_argument("--top", type=int, default=None, help="show only the N most different")
+    r.add_argument("--max-prompts", type=int, default=None, help="score only the first K prompts")
+    r.add_argument("--json", default=None, help="also write the full result as JSON here")
+    r.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
+    r.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    r.set_defaults(func=_cmd_rank)
+
+    c = sub.add_parser("convert", help="convert a sample file to divscope JSONL")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--overwrite", action="store_true", help="allow replacing OUTPUT")
+    c.set_defaults(func=_cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``divscope`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SampleFileError as e:
+        print(f"divscope: error: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"divscope: error: {e}; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

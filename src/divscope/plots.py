@@ -1,0 +1,157 @@
+"""Figures for prompt rankings. Each function takes ``ax=None`` and returns the figure."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from divscope.ranking import Ranking
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax
+    return ax.figure, ax
+
+
+def _label(prompt: str, n: int = 40) -> str:
+    s = " ".join(prompt.split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def score_heatmap(ranking: Ranking, metrics: list[str] | None = None, top: int | None = 30,
+                  ax: Axes | None = None) -> Figure:
+    """Prompts (rows, best rank first) x metrics (columns); cells hold the scores."""
+    import seaborn as sns
+
+    metrics = metrics or ranking.available
+    rows = sorted([p for p in ranking.prompts if p.rank is not None], key=lambda p: p.rank)[:top]
+    data = np.array([[np.nan if p.scores.get(m) is None else p.scores[m] for m in metrics]
+                     for p in rows], dtype=float).reshape(len(rows), len(metrics))
+    fig, ax = _axes(ax, (1.6 + 1.3 * len(metrics), 1.2 + 0.4 * len(rows)))
+    sns.heatmap(data, annot=True, fmt=".3f", cmap="viridis", ax=ax,
+                xticklabels=metrics, yticklabels=[f"#{p.index} {_label(p.prompt)}" for p in rows],
+                cbar_kws={"label": "score"})
+    ax.set_title(f"{ranking.models[0]} vs {ranking.models[1]}: prompts x metrics")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def ranked_scores(ranking: Ranking, metric: str | None = None, top: int | None = 30,
+                  ax: Axes | None = None) -> Figure:
+    """Scores with bootstrap CIs, most different prompt at the top."""
+    metric = metric or ranking.metric
+    rows = sorted([p for p in ranking.prompts if p.scores.get(metric) is not None],
+                  key=lambda p: -p.scores[metric])[:top]
+    fig, ax = _axes(ax, (8, 1.2 + 0.35 * len(rows)))
+    y = np.arange(len(rows))[::-1]
+    v = np.array([p.scores[metric] for p in rows])
+    lo = np.array([p.ci[metric][0] if p.ci.get(metric) else np.nan for p in rows])
+    hi = np.array([p.ci[metric][1] if p.ci.get(metric) else np.nan for p in rows])
+    ax.errorbar(v, y, xerr=[np.nan_to_num(v - lo), np.nan_to_num(hi - v)], fmt="o", capsize=3)
+    ax.set_yticks(y, [f"#{p.index} {_label(p.prompt)}" for p in rows])
+    ax.set_xlabel(f"{metric} [{ranking.units.get(metric, '')}]")
+    ax.set_title(f"Prompts ranked by {metric} ({int(ranking.ci_level * 100)}% bootstrap CI)")
+    ax.axvline(0, color="grey", lw=0.5)
+    fig.tight_layout()
+    return fig
+
+
+def score_distribution(ranking: Ranking, metric: str | None = None,
+                       ax: Axes | None = None) -> Figure:
+    """Histogram of one metric over prompts, with each prompt as a rug tick."""
+    metric = metric or ranking.metric
+    v = np.array([p.scores[metric] for p in ranking.prompts if p.scores.get(metric) is not None])
+    fig, ax = _axes(ax, (6, 3.5))
+    ax.hist(v, bins=max(5, min(40, len(v) // 2 or 1)), color="C0", alpha=0.7)
+    ax.plot(v, np.zeros_like(v), "|", color="k", ms=20)
+    ax.set_xlabel(f"{metric} [{ranking.units.get(metric, '')}]")
+    ax.set_ylabel("prompts")
+    ax.set_title(f"Distribution of {metric} over {len(v)} prompts")
+    fig.tight_layout()
+    return fig
+
+
+def category_means(ranking: Ranking, metric: str | None = None, n_bootstrap: int = 1000,
+                   seed: int = 0, ax: Axes | None = None) -> Figure:
+    """Mean score per prompt category with a bootstrap CI over the category's prompts."""
+    metric = metric or ranking.metric
+    by_cat: dict[str, list[float]] = {}
+    for p in ranking.prompts:
+        if p.scores.get(metric) is not None:
+            by_cat.setdefault(p.category or "(none)", []).append(p.scores[metric])
+    cats = sorted(by_cat, key=lambda c: -np.mean(by_cat[c]))
+    rng = np.random.default_rng(seed)
+    means, lo, hi = [], [], []
+    for c in cats:
+        x = np.asarray(by_cat[c])
+        boots = x[rng.integers(0, len(x), (n_bootstrap, len(x)))].mean(1)
+        means.append(x.mean())
+        a = (1 - ranking.ci_level) / 2
+        lo.append(np.quantile(boots, a) if len(x) > 1 else x.mean())
+        hi.append(np.quantile(boots, 1 - a) if len(x) > 1 else x.mean())
+    m = np.array(means)
+    fig, ax = _axes(ax, (1.5 + 0.7 * len(cats), 4))
+    ax.bar(cats, m, yerr=[m - np.array(lo), np.array(hi) - m], capsize=3, color="C1")
+    ax.set_ylabel(f"mean {metric}")
+    ax.set_title(f"{metric} by prompt category (n = " +
+                 ", ".join(str(len(by_cat[c])) for c in cats) + ")")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def token_view(tokens: list[str], values: np.ndarray, *, title: str = "",
+               max_tokens: int = 400, fontsize: float = 8.0, width_in: float = 11.0,
+               label: str = "nats per token", ax: Axes | None = None) -> Figure:
+    """Tokens laid out as running text, each on a background coloured by its contribution.
+
+    Red is positive (A likes the token more than B), blue negative, grey NaN (not matched).
+    Tokens are measured with the figure's renderer, so boxes never overlap.
+    """
+    tokens = tokens[:max_tokens]
+    values = np.asarray(values[:max_tokens], dtype=float)
+    finite = values[np.isfinite(values)]
+    lim = float(np.max(np.abs(finite))) if finite.size else 1.0
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-(lim or 1.0), vmax=lim or 1.0)
+    cmap = plt.get_cmap("coolwarm")
+    fig, ax = _axes(ax, (width_in, 2.0))
+    ax.set_axis_off()
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(sm, ax=ax, fraction=0.02, pad=0.01, label=label)  # before measuring the width
+    renderer = fig.canvas.get_renderer()
+    avail = ax.get_window_extent(renderer).width
+    style = {"family": "monospace", "fontsize": fontsize, "va": "center", "ha": "left"}
+    probe = ax.text(0, 0, "", **style)
+    pieces: list[tuple[int, float, str, float]] = []  # (line, x, text, value)
+    line, x = 0, 0.0
+    for tok, v in zip(tokens, values, strict=True):
+        shown = tok.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n")
+        for k, part in enumerate(shown.split("\n")):
+            if k > 0:
+                line, x = line + 1, 0.0
+            if not part:
+                continue
+            probe.set_text(part.replace(" ", "\u00a0"))
+            w = probe.get_window_extent(renderer).width
+            if x + w > avail and x > 0:
+                line, x = line + 1, 0.0
+            pieces.append((line, x, part, v))
+            x += w
+    probe.remove()
+    n_lines = line + 1
+    if len(fig.axes) == 2:  # our own figure: the text axes and its colorbar
+        fig.set_size_inches(width_in, 0.7 + 0.19 * n_lines * fontsize / 8)
+    ax.set_xlim(0, avail)
+    ax.set_ylim(n_lines - 0.5, -0.5)
+    for row, x0, text, v in pieces:
+        color = (0.85, 0.85, 0.85, 1) if not np.isfinite(v) else cmap(norm(v))
+        ax.text(x0, row, text.replace(" ", "\u00a0"),
+                bbox={"boxstyle": "square,pad=0.05", "fc": color, "ec": "none"}, **style)
+    ax.set_title(title, loc="left", fontsize=9)
+    return fig
