@@ -93,16 +93,19 @@ first = pd.DataFrame(
         "token": r0.scores.tokens[:8],
         "logprob": r0.scores.logprobs[:8],
         "top-3": [
-            ", ".join(f"{a.vocab.strings[j]!r}:{v:.2f}" for j, v in zip(ids[:3], lps[:3]))
-            for ids, lps in zip(r0.scores.top_ids[:8], r0.scores.top_logprobs[:8])
+            ", ".join(
+                f"{a.vocab.strings[j]!r}:{v:.2f}" for j, v in zip(ids[:3], lps[:3], strict=True)
+            )
+            for ids, lps in zip(r0.scores.top_ids[:8], r0.scores.top_logprobs[:8], strict=True)
         ],
     }
 )
 display(first)
 
 # %% Score and rank every prompt
-ranking = rank_prompts(a, b, metric=METRIC, max_prompts=MAX_PROMPTS, n_bootstrap=N_BOOTSTRAP,
-                       seed=SEED)
+ranking = rank_prompts(
+    a, b, metric=METRIC, max_prompts=MAX_PROMPTS, n_bootstrap=N_BOOTSTRAP, seed=SEED
+)
 t_ranked = time.perf_counter()
 print(f"ranked by {ranking.metric} [{ranking.units[ranking.metric]}]")
 for note in ranking.notes:
@@ -120,7 +123,8 @@ for name, rec in (("A: " + a.model, ra), ("B: " + b.model, rb)):
     print(rec.usable[0].text[:1000] + ("…" if len(rec.usable[0].text) > 1000 else ""), "\n")
 tokens, values, kind = token_contributions(ra, rb, 0, model_b=b.model)
 fig = plots.token_view(
-    tokens, values,
+    tokens,
+    values,
     title=f"A's response 0 to prompt #{top.index}, coloured by per-token {kind} contribution "
     "(red: A more likely than B; grey: not matched in B)",
 )
@@ -150,13 +154,20 @@ atomic_write_json(run_dir / "ranking.json", ranking.to_json())
 meta = run_metadata(
     "kl_demo",
     {
-        "MODEL1_FILE": MODEL1_FILE, "MODEL2_FILE": MODEL2_FILE, "MAX_PROMPTS": MAX_PROMPTS,
-        "METRIC": ranking.metric, "N_BOOTSTRAP": N_BOOTSTRAP, "SEED": SEED,
+        "MODEL1_FILE": MODEL1_FILE,
+        "MODEL2_FILE": MODEL2_FILE,
+        "MAX_PROMPTS": MAX_PROMPTS,
+        "METRIC": ranking.metric,
+        "N_BOOTSTRAP": N_BOOTSTRAP,
+        "SEED": SEED,
     },
     models=ranking.models,
     figures=str(fig_dir),
-    timings_s={"load": t_loaded - t_start, "rank": t_ranked - t_loaded,
-               "total": time.perf_counter() - t_start},
+    timings_s={
+        "load": t_loaded - t_start,
+        "rank": t_ranked - t_loaded,
+        "total": time.perf_counter() - t_start,
+    },
 )
 atomic_write_json(run_dir / "metadata.json", meta)
 print(f"wrote {run_dir}/ranking.json and metadata.json; figures in {fig_dir}")

@@ -69,18 +69,26 @@ def synthetic_pair(
             responses, full = [], []
             for _ in range(n_resp):
                 x = np.array([rng.choice(vocab, p=np.exp(row)) for row in own])
-                responses.append({
-                    "text": "".join(f"t{j}" for j in x),
-                    "finish_reason": "length",
-                    "logprobs": columns(x, own, k),
-                    "cross_scores": {other_name: {"aligned": True, **columns(x, other, k)}},
-                })
+                responses.append(
+                    {
+                        "text": "".join(f"t{j}" for j in x),
+                        "finish_reason": "length",
+                        "logprobs": columns(x, own, k),
+                        "cross_scores": {other_name: {"aligned": True, **columns(x, other, k)}},
+                    }
+                )
                 full.append((x, own, other))
             truth[name].append(full)
-            recs[name].append({"format": "divscope.samples/1", "index": i,
-                               "prompt": f"prompt {i}", "category": ["c1", "c2"][i % 2],
-                               "model": "model-a" if name == "A" else "model-b",
-                               "responses": responses})
+            recs[name].append(
+                {
+                    "format": "divscope.samples/1",
+                    "index": i,
+                    "prompt": f"prompt {i}",
+                    "category": ["c1", "c2"][i % 2],
+                    "model": "model-a" if name == "A" else "model-b",
+                    "responses": responses,
+                }
+            )
     paths = []
     for name in ("A", "B"):
         p = tmp_path / f"{name}.jsonl"

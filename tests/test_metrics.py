@@ -49,7 +49,9 @@ def test_coarse_bounds_match_brute_force_and_bound_the_truth(k_p, k_q):
         assert kl[i] == pytest.approx(b_kl, rel=1e-9, abs=1e-12)
         assert js[i] == pytest.approx(b_js, rel=1e-9, abs=1e-12)
     true_kl = rel_entr(np.exp(lp), np.exp(lq)).sum(1)
-    true_js = np.array([jensenshannon(np.exp(a), np.exp(b)) ** 2 for a, b in zip(lp, lq)])
+    true_js = np.array(
+        [jensenshannon(np.exp(a), np.exp(b)) ** 2 for a, b in zip(lp, lq, strict=True)]
+    )
     assert (kl <= true_kl + 1e-12).all() and (js <= true_js + 1e-12).all()
     assert (kl >= 0).all() and (js >= 0).all() and (js <= LN2).all()
     if k_p == k_q == v:  # top-k covers the vocabulary: the bound is the exact value
@@ -70,10 +72,18 @@ def test_coarse_bounds_of_identical_distributions_are_zero():
 def test_coarse_tail_rounding_never_gives_inf():
     # Q's known mass rounds to 1 (tail 0) while P keeps a tail: the floor keeps it finite.
     vocab = TokenVocab()
-    p = _scores({"tokens": ["a"], "logprobs": [-0.1], "top_tokens": [["a", "b"]],
-                 "top_logprobs": [[-0.1, -3.0]]}, vocab)
-    q = _scores({"tokens": ["a"], "logprobs": [0.0], "top_tokens": [["a"]],
-                 "top_logprobs": [[0.0]]}, vocab)
+    p = _scores(
+        {
+            "tokens": ["a"],
+            "logprobs": [-0.1],
+            "top_tokens": [["a", "b"]],
+            "top_logprobs": [[-0.1, -3.0]],
+        },
+        vocab,
+    )
+    q = _scores(
+        {"tokens": ["a"], "logprobs": [0.0], "top_tokens": [["a"]], "top_logprobs": [[0.0]]}, vocab
+    )
     kl, js = coarse_bounds(p, q)
     assert np.isfinite(kl).all() and kl[0] > 0 and 0 < js[0] <= LN2
 
@@ -97,8 +107,9 @@ def test_mc_kl_terms_brute_force_and_unbiased():
     total, count, per_seq = 0.0, 0, []
     for _ in range(n):
         x = np.array([rng.choice(v, p=np.exp(row)) for row in lp])
-        s, c = mc_kl_terms(_scores(columns(x, lp, 2), vocab), _scores(columns(x, lq, 2), vocab),
-                           True, 0)
+        s, c = mc_kl_terms(
+            _scores(columns(x, lp, 2), vocab), _scores(columns(x, lq, 2), vocab), True, 0
+        )
         brute = sum(lp[i, x[i]] - lq[i, x[i]] for i in range(t))
         assert s == pytest.approx(brute, rel=1e-12) and c == t
         total, count = total + s, count + c
@@ -127,8 +138,10 @@ def test_ranking_mc_kl_and_bounds_against_brute_force(tmp_path):
     assert {"mc_kl", "topk_kl_lb", "topk_js_lb", "legacy_aligned"} <= set(r.available)
     for i, ps in enumerate(r.prompts):
         for suffix, side in (("_ab", "A"), ("_ba", "B")):
-            num = sum(own[np.arange(len(x)), x].sum() - oth[np.arange(len(x)), x].sum()
-                      for x, own, oth in truth[side][i])
+            num = sum(
+                own[np.arange(len(x)), x].sum() - oth[np.arange(len(x)), x].sum()
+                for x, own, oth in truth[side][i]
+            )
             den = sum(len(x) for x, _, _ in truth[side][i])
             assert ps.scores["mc_kl" + suffix] == pytest.approx(num / den, rel=1e-10)
             kl_sum = js_sum = 0.0
@@ -139,11 +152,14 @@ def test_ranking_mc_kl_and_bounds_against_brute_force(tmp_path):
             assert ps.scores["topk_kl_lb" + suffix] == pytest.approx(kl_sum / den, rel=1e-9)
             assert ps.scores["topk_js_lb" + suffix] == pytest.approx(js_sum / den, rel=1e-9)
             # the bound never exceeds the full-vocabulary value on the same positions
-            full = sum(rel_entr(np.exp(own), np.exp(oth)).sum() for _, own, oth in
-                       truth[side][i]) / den
+            full = (
+                sum(rel_entr(np.exp(own), np.exp(oth)).sum() for _, own, oth in truth[side][i])
+                / den
+            )
             assert ps.scores["topk_kl_lb" + suffix] <= full + 1e-12
         assert ps.scores["mc_kl"] == pytest.approx(
-            0.5 * (ps.scores["mc_kl_ab"] + ps.scores["mc_kl_ba"]))
+            0.5 * (ps.scores["mc_kl_ab"] + ps.scores["mc_kl_ba"])
+        )
         lo, hi = ps.ci["mc_kl"]
         assert lo <= ps.scores["mc_kl"] <= hi
 
@@ -162,14 +178,19 @@ def test_units_per_byte_when_tokenizers_differ(tmp_path):
     recs = [json.loads(line) for line in fa.read_text().splitlines()]
     for resp in recs[0]["responses"]:  # B tokenises A's text differently: one token per text
         c = resp["cross_scores"]["model-b"]
-        resp["cross_scores"]["model-b"] = {"aligned": False, "tokens": [resp["text"]],
-                                           "logprobs": [sum(c["logprobs"])]}
+        resp["cross_scores"]["model-b"] = {
+            "aligned": False,
+            "tokens": [resp["text"]],
+            "logprobs": [sum(c["logprobs"])],
+        }
     fa.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     a, b = load_pair(fa, fb)
     r = rank_prompts(a, b, n_bootstrap=50)
     assert r.units["mc_kl"] == "nats/byte"
-    num = sum(sum(x["logprobs"]["logprobs"]) - x["cross_scores"]["model-b"]["logprobs"][0]
-              for x in recs[0]["responses"])
+    num = sum(
+        sum(x["logprobs"]["logprobs"]) - x["cross_scores"]["model-b"]["logprobs"][0]
+        for x in recs[0]["responses"]
+    )
     den = sum(len(x["text"].encode()) for x in recs[0]["responses"])
     assert r.prompts[0].scores["mc_kl_ab"] == pytest.approx(num / den, rel=1e-10)
     assert "topk_kl_lb_ab" not in r.available  # no aligned positions, no bounds
@@ -177,12 +198,22 @@ def test_units_per_byte_when_tokenizers_differ(tmp_path):
 
 def _legacy_brute(records_a, records_b):
     """The legacy heuristic, written as the old per-token dict walk."""
+
     def direction(c1, c2):
         total, n = 0.0, 0
         for d1, d2 in zip(c1, c2, strict=False):
-            lq = d2["logprob"] if d2["token"] == d1["token"] else next(
-                (e["logprob"] for e in d2.get("top_logprobs") or [] if e["token"] == d1["token"]),
-                None)
+            lq = (
+                d2["logprob"]
+                if d2["token"] == d1["token"]
+                else next(
+                    (
+                        e["logprob"]
+                        for e in d2.get("top_logprobs") or []
+                        if e["token"] == d1["token"]
+                    ),
+                    None,
+                )
+            )
             if lq is None:
                 continue
             p = math.exp(d1["logprob"])

@@ -45,8 +45,9 @@ def test_every_protocol_of_plain_builtins(tmp_path, protocol):
 def test_hostile_pickle_is_refused_and_nothing_runs(tmp_path, protocol):
     marker = tmp_path / "pwned"
     p = tmp_path / "evil.pkl"
-    p.write_bytes(pickle.dumps([{"prompt": "x", "responses": [_Evil(str(marker))]}],
-                               protocol=protocol))
+    p.write_bytes(
+        pickle.dumps([{"prompt": "x", "responses": [_Evil(str(marker))]}], protocol=protocol)
+    )
     with pytest.raises(SampleFileError) as e:
         load_samples(p)
     assert "posix.system" in str(e.value) or "os.system" in str(e.value)

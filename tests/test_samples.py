@@ -75,8 +75,9 @@ def test_jsonl_round_trip(tmp_path):
             assert x.text == y.text and x.scores.tokens == y.scores.tokens
             np.testing.assert_array_equal(x.scores.logprobs, y.scores.logprobs)
             np.testing.assert_array_equal(x.scores.top_logprobs, y.scores.top_logprobs)
-            assert [[s.vocab.strings[j] for j in row if j >= 0] for row in x.scores.top_ids] == \
-                   [[t.vocab.strings[j] for j in row if j >= 0] for row in y.scores.top_ids]
+            assert [[s.vocab.strings[j] for j in row if j >= 0] for row in x.scores.top_ids] == [
+                [t.vocab.strings[j] for j in row if j >= 0] for row in y.scores.top_ids
+            ]
     with pytest.raises(FileExistsError):
         write_samples_jsonl(s, out)  # never overwrites silently
 
@@ -113,8 +114,9 @@ def test_bad_logprob_values(tmp_path, value, what):
 
 def test_nan_in_top_logprobs(tmp_path):
     bad = copy.deepcopy(REAL)
-    bad[0]["responses"][0]["choices"][0]["logprobs"]["content"][2]["top_logprobs"][1][
-        "logprob"] = math.nan
+    bad[0]["responses"][0]["choices"][0]["logprobs"]["content"][2]["top_logprobs"][1]["logprob"] = (
+        math.nan
+    )
     with pytest.raises(SampleFileError, match="record 0, response 0, token 2: logprob is NaN"):
         load_samples(_write_json(tmp_path, bad))
 
@@ -173,12 +175,15 @@ def test_mixed_models_in_one_file(tmp_path):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
-_SMALL = [{"prompt": r["prompt"], "model": r["model"],
-           "responses": copy.deepcopy(r["responses"][:1])} for r in REAL]
+_SMALL = [
+    {"prompt": r["prompt"], "model": r["model"], "responses": copy.deepcopy(r["responses"][:1])}
+    for r in REAL
+]
 for _r in _SMALL:
     _c = _r["responses"][0]["choices"][0]
     _c["logprobs"]["content"] = _c["logprobs"]["content"][:4]
@@ -214,8 +219,11 @@ def _load_or_error(p):
         assert str(p) in str(e) and "Fix:" in str(e)
 
 
-FUZZ = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "150")), deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @FUZZ
@@ -243,8 +251,11 @@ def test_fuzz_mutated_records(tmp_path, path, value):
 @given(cut=st.integers(min_value=0, max_value=4000), junk=st.binary(max_size=20))
 def test_fuzz_truncated_and_corrupted_bytes(tmp_path, cut, junk):
     raw = json.dumps(_SMALL).encode()
-    for name, data in (("t.json", raw[:cut] + junk), ("t.pkl", pickle.dumps(_SMALL)[:cut] + junk),
-                       ("t.jsonl", raw[:cut].replace(b"}, {", b"}\n{") + junk)):
+    for name, data in (
+        ("t.json", raw[:cut] + junk),
+        ("t.pkl", pickle.dumps(_SMALL)[:cut] + junk),
+        ("t.jsonl", raw[:cut].replace(b"}, {", b"}\n{") + junk),
+    ):
         p = tmp_path / name
         p.write_bytes(data)
         _load_or_error(p)

@@ -39,16 +39,26 @@ def format_ranking(r: Ranking, top: int | None = None) -> str:
         v_s = f"{v:.4f}" if v is not None else "-"
         rank = str(p.rank) if p.rank is not None else "-"
         excl = f"{p.excluded_responses[0]}/{p.excluded_responses[1]}"
-        text = _short(p.prompt, 60) if p.rank is not None else f"({p.reason}) {_short(p.prompt, 40)}"
-        lines.append(f"{rank:>4} {p.index:>4} {v_s:>12} {ci_s:>19} {p.n_responses[0]:>4} "
-                     f"{p.n_responses[1]:>4} {excl:>5}  {text}")
+        text = (
+            _short(p.prompt, 60) if p.rank is not None else f"({p.reason}) {_short(p.prompt, 40)}"
+        )
+        lines.append(
+            f"{rank:>4} {p.index:>4} {v_s:>12} {ci_s:>19} {p.n_responses[0]:>4} "
+            f"{p.n_responses[1]:>4} {excl:>5}  {text}"
+        )
     return "\n".join(lines)
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
     a, b = load_pair(args.file_a, args.file_b)
-    ranking = rank_prompts(a, b, metric=args.metric, max_prompts=args.max_prompts,
-                           n_bootstrap=args.n_bootstrap, seed=args.seed)
+    ranking = rank_prompts(
+        a,
+        b,
+        metric=args.metric,
+        max_prompts=args.max_prompts,
+        n_bootstrap=args.n_bootstrap,
+        seed=args.seed,
+    )
     print(format_ranking(ranking, args.top))
     if args.json:
         atomic_write_json(Path(args.json), ranking.to_json(), overwrite=args.overwrite)
@@ -73,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rank", help="rank prompts by how differently two models answer")
     r.add_argument("file_a", help="samples of model A (.pkl, .json or .jsonl)")
     r.add_argument("file_b", help="samples of model B on the same prompts")
-    r.add_argument("--metric", choices=ALL_METRICS, default=None,
-                   help="score to rank by (default: the best the files support)")
+    r.add_argument(
+        "--metric",
+        choices=ALL_METRICS,
+        default=None,
+        help="score to rank by (default: the best the files support)",
+    )
     r.add_argument("--top", type=int, default=None, help="show only the N most different")
     r.add_argument("--max-prompts", type=int, default=None, help="score only the first K prompts")
     r.add_argument("--json", default=None, help="also write the full result as JSON here")

@@ -31,8 +31,9 @@ def token_contributions(
     c = r.cross.get(model_b) if model_b else None
     if c is not None and c.aligned:
         return r.scores.tokens, r.scores.logprobs - c.scores.logprobs, "mc_kl"
-    terms, matched = legacy_contributions(Padded.from_scores([r.scores]),
-                                          Padded.from_scores([x.scores for x in b.usable]))
+    terms, matched = legacy_contributions(
+        Padded.from_scores([r.scores]), Padded.from_scores([x.scores for x in b.usable])
+    )
     t = len(r.scores)
     n = matched[0].sum(0)
     vals = np.full(t, np.nan)

@@ -23,31 +23,44 @@ def _label(prompt: str, n: int = 40) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def score_heatmap(ranking: Ranking, metrics: list[str] | None = None, top: int | None = 30,
-                  ax: Axes | None = None) -> Figure:
+def score_heatmap(
+    ranking: Ranking, metrics: list[str] | None = None, top: int | None = 30, ax: Axes | None = None
+) -> Figure:
     """Prompts (rows, best rank first) x metrics (columns); cells hold the scores."""
     import seaborn as sns
 
     metrics = metrics or ranking.available
     rows = sorted([p for p in ranking.prompts if p.rank is not None], key=lambda p: p.rank)[:top]
-    data = np.array([[np.nan if p.scores.get(m) is None else p.scores[m] for m in metrics]
-                     for p in rows], dtype=float).reshape(len(rows), len(metrics))
+    data = np.array(
+        [[np.nan if p.scores.get(m) is None else p.scores[m] for m in metrics] for p in rows],
+        dtype=float,
+    ).reshape(len(rows), len(metrics))
     fig, ax = _axes(ax, (1.6 + 1.3 * len(metrics), 1.2 + 0.4 * len(rows)))
-    sns.heatmap(data, annot=True, fmt=".3f", cmap="viridis", ax=ax,
-                xticklabels=metrics, yticklabels=[f"#{p.index} {_label(p.prompt)}" for p in rows],
-                cbar_kws={"label": "score"})
+    sns.heatmap(
+        data,
+        annot=True,
+        fmt=".3f",
+        cmap="viridis",
+        ax=ax,
+        xticklabels=metrics,
+        yticklabels=[f"#{p.index} {_label(p.prompt)}" for p in rows],
+        cbar_kws={"label": "score"},
+    )
     ax.set_title(f"{ranking.models[0]} vs {ranking.models[1]}: prompts x metrics")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig
 
 
-def ranked_scores(ranking: Ranking, metric: str | None = None, top: int | None = 30,
-                  ax: Axes | None = None) -> Figure:
+def ranked_scores(
+    ranking: Ranking, metric: str | None = None, top: int | None = 30, ax: Axes | None = None
+) -> Figure:
     """Scores with bootstrap CIs, most different prompt at the top."""
     metric = metric or ranking.metric
-    rows = sorted([p for p in ranking.prompts if p.scores.get(metric) is not None],
-                  key=lambda p: -p.scores[metric])[:top]
+    rows = sorted(
+        [p for p in ranking.prompts if p.scores.get(metric) is not None],
+        key=lambda p: -p.scores[metric],
+    )[:top]
     fig, ax = _axes(ax, (8, 1.2 + 0.35 * len(rows)))
     y = np.arange(len(rows))[::-1]
     v = np.array([p.scores[metric] for p in rows])
@@ -62,8 +75,9 @@ def ranked_scores(ranking: Ranking, metric: str | None = None, top: int | None =
     return fig
 
 
-def score_distribution(ranking: Ranking, metric: str | None = None,
-                       ax: Axes | None = None) -> Figure:
+def score_distribution(
+    ranking: Ranking, metric: str | None = None, ax: Axes | None = None
+) -> Figure:
     """Histogram of one metric over prompts, with each prompt as a rug tick."""
     metric = metric or ranking.metric
     v = np.array([p.scores[metric] for p in ranking.prompts if p.scores.get(metric) is not None])
@@ -77,8 +91,13 @@ def score_distribution(ranking: Ranking, metric: str | None = None,
     return fig
 
 
-def category_means(ranking: Ranking, metric: str | None = None, n_bootstrap: int = 1000,
-                   seed: int = 0, ax: Axes | None = None) -> Figure:
+def category_means(
+    ranking: Ranking,
+    metric: str | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    ax: Axes | None = None,
+) -> Figure:
     """Mean score per prompt category with a bootstrap CI over the category's prompts."""
     metric = metric or ranking.metric
     by_cat: dict[str, list[float]] = {}
@@ -99,16 +118,25 @@ def category_means(ranking: Ranking, metric: str | None = None, n_bootstrap: int
     fig, ax = _axes(ax, (1.5 + 0.7 * len(cats), 4))
     ax.bar(cats, m, yerr=[m - np.array(lo), np.array(hi) - m], capsize=3, color="C1")
     ax.set_ylabel(f"mean {metric}")
-    ax.set_title(f"{metric} by prompt category (n = " +
-                 ", ".join(str(len(by_cat[c])) for c in cats) + ")")
+    ax.set_title(
+        f"{metric} by prompt category (n = " + ", ".join(str(len(by_cat[c])) for c in cats) + ")"
+    )
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig
 
 
-def token_view(tokens: list[str], values: np.ndarray, *, title: str = "",
-               max_tokens: int = 400, fontsize: float = 8.0, width_in: float = 11.0,
-               label: str = "nats per token", ax: Axes | None = None) -> Figure:
+def token_view(
+    tokens: list[str],
+    values: np.ndarray,
+    *,
+    title: str = "",
+    max_tokens: int = 400,
+    fontsize: float = 8.0,
+    width_in: float = 11.0,
+    label: str = "nats per token",
+    ax: Axes | None = None,
+) -> Figure:
     """Tokens laid out as running text, each on a background coloured by its contribution.
 
     Red is positive (A likes the token more than B), blue negative, grey NaN (not matched).
@@ -151,7 +179,12 @@ def token_view(tokens: list[str], values: np.ndarray, *, title: str = "",
     ax.set_ylim(n_lines - 0.5, -0.5)
     for row, x0, text, v in pieces:
         color = (0.85, 0.85, 0.85, 1) if not np.isfinite(v) else cmap(norm(v))
-        ax.text(x0, row, text.replace(" ", "\u00a0"),
-                bbox={"boxstyle": "square,pad=0.05", "fc": color, "ec": "none"}, **style)
+        ax.text(
+            x0,
+            row,
+            text.replace(" ", "\u00a0"),
+            bbox={"boxstyle": "square,pad=0.05", "fc": color, "ec": "none"},
+            **style,
+        )
     ax.set_title(title, loc="left", fontsize=9)
     return fig

@@ -94,7 +94,7 @@ class Ranking:
             for m in metrics:
                 row[m] = p.scores.get(m)
             ci = p.ci.get(self.metric)
-            row["ci_low"], row["ci_high"] = (ci if ci else (None, None))
+            row["ci_low"], row["ci_high"] = ci if ci else (None, None)
             row["n_a"], row["n_b"] = p.n_responses
             row["excluded_a"], row["excluded_b"] = p.excluded_responses
             row["reason"] = p.reason
@@ -142,8 +142,10 @@ def _direction_terms(responses: list[Response], other: str, per_byte: bool) -> _
             kl_sum.append(0.0)
             js_sum.append(0.0)
             pos_cnt.append(0)
-    return _Direction(*(np.asarray(v, dtype=np.float64) for v in
-                        (mc_sum, mc_cnt, kl_sum, js_sum, pos_cnt)), missing_cross=missing)
+    return _Direction(
+        *(np.asarray(v, dtype=np.float64) for v in (mc_sum, mc_cnt, kl_sum, js_sum, pos_cnt)),
+        missing_cross=missing,
+    )
 
 
 def _ratio(s: np.ndarray, n: np.ndarray) -> float | None:
@@ -188,12 +190,19 @@ def score_prompt(
         "topk_mass": [_topk_mass(u) for u in (ua, ub)],
     }
     ps = PromptScore(
-        index=ra.index, prompt=ra.prompt, category=ra.category or rb.category, rank=None,
-        reason=None, scores=scores, ci={}, coverage=coverage,
+        index=ra.index,
+        prompt=ra.prompt,
+        category=ra.category or rb.category,
+        rank=None,
+        reason=None,
+        scores=scores,
+        ci={},
+        coverage=coverage,
         n_responses=[len(ra.responses), len(rb.responses)],
         excluded_responses=[len(ra.responses) - len(ua), len(rb.responses) - len(ub)],
-        excluded_reasons=[[r.excluded_reason for r in x.responses if r.excluded_reason]
-                          for x in (ra, rb)],
+        excluded_reasons=[
+            [r.excluded_reason for r in x.responses if r.excluded_reason] for x in (ra, rb)
+        ],
     )
     if not ua or not ub:
         side = "A" if not ua else "B"
@@ -204,15 +213,20 @@ def score_prompt(
     ib = rng.integers(0, nb, size=(n_bootstrap, nb))
 
     # Honest metrics from cross-scores.
-    dirs = {"_ab": (_direction_terms(ua, model_b, per_byte), ia),
-            "_ba": (_direction_terms(ub, model_a, per_byte), ib)}
+    dirs = {
+        "_ab": (_direction_terms(ua, model_b, per_byte), ia),
+        "_ba": (_direction_terms(ub, model_a, per_byte), ib),
+    }
     missing = 0
     for suffix, (d, idx) in dirs.items():
         if d is None:
             continue
         missing += d.missing_cross
-        for name, s, n in (("mc_kl", d.mc_sum, d.mc_cnt), ("topk_kl_lb", d.kl_sum, d.pos_cnt),
-                           ("topk_js_lb", d.js_sum, d.pos_cnt)):
+        for name, s, n in (
+            ("mc_kl", d.mc_sum, d.mc_cnt),
+            ("topk_kl_lb", d.kl_sum, d.pos_cnt),
+            ("topk_js_lb", d.js_sum, d.pos_cnt),
+        ):
             v = _ratio(s, n)
             if v is not None:
                 scores[name + suffix] = v
@@ -220,8 +234,9 @@ def score_prompt(
     if any(d is not None for d, _ in dirs.values()):
         coverage["missing_cross_logprobs"] = missing
         cnt = sum(int(d.mc_cnt.sum()) for d, _ in dirs.values() if d is not None)
-        coverage["cross_scored_share"] = cnt / max(1, sum(coverage["n_tokens"])) if not per_byte \
-            else None
+        coverage["cross_scored_share"] = (
+            cnt / max(1, sum(coverage["n_tokens"])) if not per_byte else None
+        )
 
     # Legacy heuristic, all response pairs, both directions.
     pa = Padded.from_scores([r.scores for r in ua])
@@ -258,8 +273,9 @@ def score_prompt(
 
 
 def _topk_mass(responses: list[Response]) -> float | None:
-    masses = [np.exp(r.scores.top_logprobs).sum(1) for r in responses
-              if r.scores.top_logprobs.shape[1]]
+    masses = [
+        np.exp(r.scores.top_logprobs).sum(1) for r in responses if r.scores.top_logprobs.shape[1]
+    ]
     return float(np.concatenate(masses).mean()) if masses else None
 
 
@@ -286,7 +302,8 @@ def available_metrics(a: SampleSet, b: SampleSet) -> list[str]:
 def _all_aligned_topk(s: SampleSet, other: str) -> bool:
     return all(
         r.cross[other].aligned and r.cross[other].scores.top_ids.shape[1] > 0
-        for rec in s.records for r in rec.usable
+        for rec in s.records
+        for r in rec.usable
     )
 
 
@@ -316,29 +333,50 @@ def rank_prompts(
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(ALL_METRICS)}")
     elif metric not in avail:
         raise SampleFileError(
-            a.path, f"metric {metric!r} needs cross-scores these files do not carry "
+            a.path,
+            f"metric {metric!r} needs cross-scores these files do not carry "
             f"(available: {', '.join(avail)})",
             "re-sample with `divscope sample` and cross_score: true, or choose an available metric",
         )
     per_byte = any(
-        not c.aligned for s in (a, b) for rec in s.records for r in rec.usable
+        not c.aligned
+        for s in (a, b)
+        for rec in s.records
+        for r in rec.usable
         for c in r.cross.values()
     )
     unit_mc = "nats/byte" if per_byte else "nats/token"
-    units = {m: (unit_mc if m.startswith("mc_kl") else
-                 "heuristic (nats-like, not a divergence)" if m.startswith("legacy") else
-                 "nats/position") for m in avail}
+    units = {
+        m: (
+            unit_mc
+            if m.startswith("mc_kl")
+            else "heuristic (nats-like, not a divergence)"
+            if m.startswith("legacy")
+            else "nats/position"
+        )
+        for m in avail
+    }
     notes = [LEGACY_NOTE]
     if not any(m.startswith("mc_kl") for m in avail):
         notes.insert(0, NO_CROSS_NOTE)
     if per_byte:
-        notes.append("the models' tokenizers differ: mc_kl compares sequence log-probabilities "
-                     "of the same text, per byte")
+        notes.append(
+            "the models' tokenizers differ: mc_kl compares sequence log-probabilities "
+            "of the same text, per byte"
+        )
     rng = np.random.default_rng(seed)
     n = len(a.records) if max_prompts is None else min(max_prompts, len(a.records))
     prompts = [
-        score_prompt(ra, rb, model_a=a.model, model_b=b.model, per_byte=per_byte,
-                     n_bootstrap=n_bootstrap, ci_level=ci_level, rng=rng)
+        score_prompt(
+            ra,
+            rb,
+            model_a=a.model,
+            model_b=b.model,
+            per_byte=per_byte,
+            n_bootstrap=n_bootstrap,
+            ci_level=ci_level,
+            rng=rng,
+        )
         for ra, rb in zip(a.records[:n], b.records[:n], strict=True)
     ]
     scored = [p for p in prompts if p.scores.get(metric) is not None]
@@ -354,5 +392,14 @@ def rank_prompts(
     excluded = a.n_excluded + b.n_excluded
     if excluded:
         notes.append(f"{excluded} response(s) without logprobs were excluded (never scored as 0)")
-    return Ranking(metric, [a.model, b.model], [str(a.path), str(b.path)], units, avail, notes,
-                   prompts, n_bootstrap, ci_level)
+    return Ranking(
+        metric,
+        [a.model, b.model],
+        [str(a.path), str(b.path)],
+        units,
+        avail,
+        notes,
+        prompts,
+        n_bootstrap,
+        ci_level,
+    )

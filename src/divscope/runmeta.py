@@ -41,18 +41,30 @@ def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path
 
 def atomic_write_json(path: Path, obj: Any, *, overwrite: bool = False) -> Path:
     """Write ``obj`` as indented JSON, atomically (see :func:`atomic_write_text`)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
-                             overwrite=overwrite)
+    return atomic_write_text(
+        path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", overwrite=overwrite
+    )
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
     """The current git commit (with ``-dirty`` when the tree has changes), or None."""
     try:
         cwd = cwd or Path.cwd()
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
