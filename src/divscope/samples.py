@@ -16,6 +16,7 @@ integers instead of walking dicts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -33,26 +34,31 @@ _LOGPROB_TOLERANCE = 1e-3
 
 
 class TokenVocab:
-    """Interns token strings as integers; share one between the files you compare."""
+    """Interns token strings as integers; share one between the files you compare.
+
+    Ids are unique but not contiguous (interning runs at C speed through ``dict.setdefault``
+    with a counter); ``strings[id]`` maps an id back to its token.
+    """
 
     def __init__(self) -> None:
         self._index: dict[str, int] = {}
-        self.strings: list[str] = []
+        self._counter = itertools.count()
+        self._strings: dict[int, str] = {}
 
     def __len__(self) -> int:
-        return len(self.strings)
-
-    def id(self, token: str) -> int:
-        """Return the id of ``token``, adding it if new."""
-        j = self._index.get(token)
-        if j is None:
-            j = self._index[token] = len(self.strings)
-            self.strings.append(token)
-        return j
+        return len(self._index)
 
     def ids(self, tokens: list[str]) -> np.ndarray:
         """Return the ids of ``tokens`` as an int64 array of shape ``(len(tokens),)``."""
-        return np.fromiter((self.id(t) for t in tokens), dtype=np.int64, count=len(tokens))
+        ids = list(map(self._index.setdefault, tokens, self._counter))
+        return np.array(ids, dtype=np.int64).reshape(len(tokens))
+
+    @property
+    def strings(self) -> dict[int, str]:
+        """Id -> token string."""
+        if len(self._strings) != len(self._index):
+            self._strings = {v: k for k, v in self._index.items()}
+        return self._strings
 
 
 @dataclass
@@ -225,22 +231,71 @@ def _int_array(v: Any, n: int, what: str, ctx: _Ctx) -> np.ndarray | None:
     if v is None:
         return None
     values = _list(v, what, ctx)
-    if len(values) != n or not all(type(x) is int for x in values):
+    if len(values) != n or not set(map(type, values)) <= {int}:
         raise ctx.error(f"{what} must be {n} integers", _FIX_SHAPE)
-    return np.asarray(values, dtype=np.int64)
+    return np.asarray(values, dtype=np.int64).reshape(n)
+
+
+_NUMBER = {float, int}
+_NUMBER_OR_NONE = {float, int, type(None)}
+
+
+def _logprob_array(
+    values: list, ctx: _Ctx, allow_none: bool, token: int | None = None
+) -> np.ndarray:
+    """Validate a list of logprobs at C speed; on a problem, name the first bad token."""
+    if not set(map(type, values)) <= (_NUMBER_OR_NONE if allow_none else _NUMBER):
+        for i, v in enumerate(values):
+            _logprob(v, ctx, i if token is None else token, allow_none)
+    arr = np.array(values, dtype=np.float64).reshape(len(values))  # None -> NaN
+    bad = (arr > _LOGPROB_TOLERANCE) | np.isnan(arr)
+    if bad.any():
+        for i in np.flatnonzero(bad):
+            _logprob(values[i], ctx, int(i) if token is None else token, allow_none)
+    return np.minimum(arr, 0.0)
 
 
 def _pack_topk(
-    top_tokens: list[list[str]], top_lps: list[list[float]], vocab: TokenVocab
+    top_tokens: list, top_lps: list, vocab: TokenVocab, ctx: _Ctx
 ) -> tuple[np.ndarray, np.ndarray]:
-    k = max((len(t) for t in top_tokens), default=0)
+    """Rows of top-k tokens / logprobs -> ``(T, K)`` ids (-1 padded) and logprobs (-inf)."""
     n = len(top_tokens)
+    if len(top_lps) != n:
+        raise ctx.error(f"top_tokens/top_logprobs must have one list per token ({n})", _FIX_SHAPE)
+    if not set(map(type, top_tokens)) | set(map(type, top_lps)) <= {list, tuple}:
+        bad = next(
+            i
+            for i in range(n)
+            if type(top_tokens[i]) not in (list, tuple) or type(top_lps[i]) not in (list, tuple)
+        )
+        raise ctx.error("a top-k entry is not a list", _FIX_SHAPE, bad)
+    lens = np.fromiter(map(len, top_tokens), dtype=np.int64, count=n)
+    if not np.array_equal(lens, np.fromiter(map(len, top_lps), dtype=np.int64, count=n)):
+        bad = int(np.flatnonzero(lens != np.fromiter(map(len, top_lps), np.int64, n))[0])
+        raise ctx.error("top_tokens and top_logprobs differ in length", _FIX_SHAPE, bad)
+    k = int(lens.max()) if n else 0
+    flat_tokens = list(itertools.chain.from_iterable(top_tokens))
+    if not set(map(type, flat_tokens)) <= {str}:
+        bad = next(i for i, row in enumerate(top_tokens) if not set(map(type, row)) <= {str})
+        raise ctx.error("a top-k token is not a string", _FIX_SHAPE, bad)
+    flat_lps = list(itertools.chain.from_iterable(top_lps))
+    row_of = np.repeat(np.arange(n), lens)
+    if not set(map(type, flat_lps)) <= _NUMBER:
+        bad = next(i for i, row in enumerate(top_lps) if not set(map(type, row)) <= _NUMBER)
+        _logprob_array(list(top_lps[bad]), ctx, False, bad)
+    lp_flat = np.array(flat_lps, dtype=np.float64).reshape(len(flat_lps))
+    bad = (lp_flat > _LOGPROB_TOLERANCE) | np.isnan(lp_flat)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        _logprob(flat_lps[i], ctx, int(row_of[i]))
+    id_flat = vocab.ids(flat_tokens)
+    if (lens == k).all():  # the common rectangular case
+        return id_flat.reshape(n, k), np.minimum(lp_flat, 0.0).reshape(n, k)
     ids = np.full((n, k), -1, dtype=np.int64)
     lps = np.full((n, k), -np.inf, dtype=np.float64)
-    for i, (tt, tl) in enumerate(zip(top_tokens, top_lps, strict=True)):
-        if tt:
-            ids[i, : len(tt)] = vocab.ids(tt)
-            lps[i, : len(tl)] = tl
+    col = np.arange(len(flat_tokens)) - np.repeat(np.cumsum(lens) - lens, lens)
+    ids[row_of, col] = id_flat
+    lps[row_of, col] = np.minimum(lp_flat, 0.0)
     return ids, lps
 
 
@@ -272,11 +327,11 @@ def _scores_from_openai(content: Any, ctx: _Ctx, vocab: TokenVocab) -> TokenScor
             offset += len(b)
         else:
             have_bytes = False
-    ids, top_lp = _pack_topk(top_tokens, top_lps, vocab)
+    ids, top_lp = _pack_topk(top_tokens, top_lps, vocab, ctx)
     return TokenScores(
         tokens=tokens,
         ids=vocab.ids(tokens),
-        logprobs=np.asarray(lps, dtype=np.float64),
+        logprobs=np.asarray(lps, dtype=np.float64).reshape(len(lps)),
         top_ids=ids,
         top_logprobs=top_lp,
         byte_offsets=np.asarray(offsets, dtype=np.int64) if have_bytes and tokens else None,
@@ -286,29 +341,28 @@ def _scores_from_openai(content: Any, ctx: _Ctx, vocab: TokenVocab) -> TokenScor
 def _scores_from_columns(d: Any, ctx: _Ctx, vocab: TokenVocab) -> TokenScores:
     """Parse divscope's column-wise ``{tokens, logprobs, top_tokens, top_logprobs, ...}``."""
     d = _dict(d, "logprobs", ctx)
-    tokens = [_str(t, "token", ctx, i) for i, t in enumerate(_list(d.get("tokens"), "tokens", ctx))]
+    tokens = _list(d.get("tokens"), "tokens", ctx)
+    if not set(map(type, tokens)) <= {str}:
+        bad = next(i for i, t in enumerate(tokens) if type(t) is not str)
+        raise ctx.error(
+            f"token is {type(tokens[bad]).__name__}, expected a string", _FIX_SHAPE, bad
+        )
     n = len(tokens)
     lps = _list(d.get("logprobs"), "logprobs.logprobs", ctx)
     if len(lps) != n:
         raise ctx.error(f"{len(lps)} logprobs for {n} tokens", _FIX_SHAPE)
-    lps = [_logprob(v, ctx, i, allow_none=True) for i, v in enumerate(lps)]
-    top_tokens = _list(d.get("top_tokens") or [[] for _ in range(n)], "top_tokens", ctx)
-    top_lps = _list(d.get("top_logprobs") or [[] for _ in range(n)], "top_logprobs", ctx)
-    if len(top_tokens) != n or len(top_lps) != n:
-        raise ctx.error(f"top_tokens/top_logprobs must have one list per token ({n})", _FIX_SHAPE)
-    tt_all, tl_all = [], []
-    for i, (tt, tl) in enumerate(zip(top_tokens, top_lps, strict=True)):
-        tt = [_str(x, "top token", ctx, i) for x in _list(tt, "top_tokens entry", ctx, i)]
-        tl = [_logprob(x, ctx, i) for x in _list(tl, "top_logprobs entry", ctx, i)]
-        if len(tt) != len(tl):
-            raise ctx.error("top_tokens and top_logprobs differ in length", _FIX_SHAPE, i)
-        tt_all.append(tt)
-        tl_all.append(tl)
-    ids, top_lp = _pack_topk(tt_all, tl_all, vocab)
+    logprobs = _logprob_array(lps, ctx, allow_none=True)
+    top_tokens = d.get("top_tokens")
+    top_lps = d.get("top_logprobs")
+    if top_tokens is None and top_lps is None:
+        top_tokens = top_lps = [[] for _ in range(n)]
+    ids, top_lp = _pack_topk(
+        _list(top_tokens, "top_tokens", ctx), _list(top_lps, "top_logprobs", ctx), vocab, ctx
+    )
     return TokenScores(
         tokens=tokens,
         ids=vocab.ids(tokens),
-        logprobs=np.asarray(lps, dtype=np.float64),
+        logprobs=logprobs,
         top_ids=ids,
         top_logprobs=top_lp,
         token_ids=_int_array(d.get("token_ids"), n, "token_ids", ctx),

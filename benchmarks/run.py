@@ -1,0 +1,18 @@
+"""Run every benchmark (``make bench``); each writes its JSON under ``benchmarks/results/``."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_ranking
+
+
+def main() -> None:
+    for name, bench in (("ranking", bench_ranking),):
+        result = bench.main([])
+        headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
+        print(f"{name}: {json.dumps(headline)}")
+
+
+if __name__ == "__main__":
+    main()
