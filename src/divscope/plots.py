@@ -35,7 +35,7 @@ def score_heatmap(
         [[np.nan if p.scores.get(m) is None else p.scores[m] for m in metrics] for p in rows],
         dtype=float,
     ).reshape(len(rows), len(metrics))
-    fig, ax = _axes(ax, (1.6 + 1.3 * len(metrics), 1.2 + 0.4 * len(rows)))
+    fig, ax = _axes(ax, (3 + 1.3 * len(metrics), max(3.0, 1.2 + 0.4 * len(rows))))
     sns.heatmap(
         data,
         annot=True,
