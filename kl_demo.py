@@ -4,16 +4,18 @@
 # Reads two files of sampled responses with per-token logprobs (same prompts, two models),
 # scores every prompt with the best divergence measure the files support, and ranks them.
 # With cross-scores (each model's logprobs of the other's responses) that is `mc_kl`, a
-# Monte Carlo KL estimate, plus lower bounds from the top-k logprobs; without them only the
-# legacy position-aligned heuristic exists, and the output says so.
+# Monte Carlo KL estimate (plus lower bounds from the top-k logprobs when the two models
+# share a tokenizer); without them only the legacy position-aligned heuristic exists, and the
+# output says so. The shipped data: SmolLM2-135M-Instruct vs Gemma-3-270M, 72 prompts in 10
+# categories, 3 samples each, cross-scored both ways (see data/samples/smollm2_vs_gemma3/).
 #
 # Run it cell by cell in VS Code ("Run Cell" above each `# %%`), or end to end with
 # `python kl_demo.py` (or `make demo`). Change the parameters below and rerun.
 # Results go to `eval_results/<run>/`, figures to `figures/<run>/`.
 
 # %% Parameters
-MODEL1_FILE = "data/samples/cloud_20251013_094801.pkl"  # samples of model A (.pkl, .json, .jsonl)
-MODEL2_FILE = "data/samples/google_gemma-2-9b-it_20251012_185239.json"  # model B, same prompts
+MODEL1_FILE = "data/samples/smollm2_vs_gemma3/smollm2-135m-instruct.jsonl"  # model A samples
+MODEL2_FILE = "data/samples/smollm2_vs_gemma3/gemma-3-270m.jsonl"  # model B, same prompts
 MAX_PROMPTS = None  # score only the first K prompts (None = all)
 TOP_N_DISPLAY = 10  # rows of the ranked table to show
 METRIC = None  # rank by this metric (None = best available; see README for the list)
@@ -35,7 +37,7 @@ from IPython.display import display
 
 from divscope import plots
 from divscope.contributions import token_contributions
-from divscope.ranking import rank_prompts
+from divscope.ranking import category_summary, rank_prompts
 from divscope.runmeta import atomic_write_json, new_run_dir, run_metadata
 from divscope.samples import load_pair
 
@@ -126,7 +128,7 @@ fig = plots.token_view(
     tokens,
     values,
     title=f"A's response 0 to prompt #{top.index}, coloured by per-token {kind} contribution "
-    "(red: A more likely than B; grey: not matched in B)",
+    "(red: A more likely than B; blue: B more likely; grey: not matched in B)",
 )
 show(fig, "top_prompt_tokens")
 
@@ -139,6 +141,12 @@ stats["mean matched-token share"] = np.mean(
     [p.coverage.get("matched_token_share", np.nan) for p in ranking.prompts]
 )
 display(stats)
+
+# %% Per-category means (bootstrap CI over the category's prompts)
+if any(p.category for p in ranking.prompts):
+    display(pd.DataFrame(category_summary(ranking, n_bootstrap=N_BOOTSTRAP, seed=SEED)))
+else:
+    print("no prompt categories in these files")
 
 # %% Figures: prompts x metrics, ranked scores with CIs, score distribution, categories
 show(plots.score_heatmap(ranking, top=TOP_N_DISPLAY), "heatmap_prompts_x_metrics")

@@ -33,7 +33,9 @@ def _check_outputs(work: Path) -> None:
     assert len(runs) == 1
     ranking = json.loads((runs[0] / "ranking.json").read_text())
     meta = json.loads((runs[0] / "metadata.json").read_text())
-    assert ranking["metric"] == "legacy_aligned" and len(ranking["prompts"]) == 2
+    assert ranking["metric"] == "mc_kl" and ranking["units"]["mc_kl"] == "nats/byte"
+    assert len(ranking["prompts"]) >= 60
+    assert all(p["ci"]["mc_kl"] for p in ranking["prompts"] if p["rank"] is not None)
     assert meta["kind"] == "kl_demo" and meta["timings_s"]["total"] > 0
     assert meta["divscope_version"] and meta["parameters"]["N_BOOTSTRAP"] == 1000
     figs = {p.name for p in (work / "figures" / runs[0].name).iterdir()}
@@ -59,7 +61,7 @@ def test_demo_script_runs_end_to_end(tmp_path):
     )
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ranked by legacy_aligned" in proc.stdout and "no honest KL estimate" in proc.stdout
+    assert "ranked by mc_kl [nats/byte]" in proc.stdout
     assert "Traceback" not in proc.stderr
     assert elapsed < 120
     _check_outputs(work)
@@ -100,7 +102,7 @@ def test_demo_runs_as_a_notebook(tmp_path):
     text = "".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
-    assert "ranked by legacy_aligned" in text
+    assert "ranked by mc_kl" in text
     _check_outputs(work)
 
 

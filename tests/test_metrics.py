@@ -269,3 +269,20 @@ def test_bootstrap_ci_narrows_with_more_samples(tmp_path):
         lo, hi = rank_prompts(a, b, n_bootstrap=500).prompts[0].ci["mc_kl"]
         widths.append(hi - lo)
     assert widths[1] < widths[0]
+
+
+def test_spread_over_text_matches_a_brute_force_character_walk():
+    from divscope.contributions import spread_over_text
+
+    rng = np.random.default_rng(3)
+    text = "the quick brown fox jumps over the lazy dog"
+    for _ in range(20):
+        cuts_a = sorted(set(rng.integers(1, len(text), 8).tolist()))
+        cuts_b = sorted(set(rng.integers(1, len(text), 5).tolist()))
+        a = [text[i:j] for i, j in zip([0, *cuts_a], [*cuts_a, len(text)], strict=True)]
+        b = [text[i:j] for i, j in zip([0, *cuts_b], [*cuts_b, len(text)], strict=True)]
+        lb = -rng.exponential(1.0, len(b))
+        per_char = np.concatenate([[v / len(t)] * len(t) for t, v in zip(b, lb, strict=True)])
+        starts = np.cumsum([0] + [len(t) for t in a])
+        brute = [per_char[s:e].sum() for s, e in zip(starts[:-1], starts[1:], strict=True)]
+        np.testing.assert_allclose(spread_over_text(a, b, lb), brute, atol=1e-12)

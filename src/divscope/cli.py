@@ -1,4 +1,4 @@
-"""The ``divscope`` command line: ``divscope rank``, ``divscope convert``."""
+"""The ``divscope`` command line: ``rank``, ``sample``, ``convert``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from divscope import __version__
+from divscope.config import ConfigError
 from divscope.errors import SampleFileError
 from divscope.ranking import ALL_METRICS, Ranking, rank_prompts
 from divscope.runmeta import atomic_write_json
@@ -74,6 +75,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from divscope.config import load_config
+    from divscope.sampler import Sampler
+
+    config = load_config(args.config)
+    summary = Sampler(config, progress=not args.quiet).run(
+        Path(args.run_dir) if args.run_dir else None, new=args.new
+    )
+    print("\n".join(summary.lines()))
+    return 0 if summary.complete else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and the tests)."""
     p = argparse.ArgumentParser(prog="divscope", description=__doc__)
@@ -97,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     r.set_defaults(func=_cmd_rank)
 
+    s = sub.add_parser("sample", help="sample responses with logprobs (and cross-score them)")
+    s.add_argument("--config", required=True, help="YAML config (see experiments/configs/)")
+    s.add_argument(
+        "--new",
+        action="store_true",
+        help="start a fresh run instead of resuming the last run of this config",
+    )
+    s.add_argument("--run-dir", default=None, help="write to (or resume) this directory")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_sample)
+
     c = sub.add_parser("convert", help="convert a sample file to divscope JSONL")
     c.add_argument("input")
     c.add_argument("output")
@@ -111,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SampleFileError as e:
+        print(f"divscope: error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2
     except FileExistsError as e:

@@ -8,7 +8,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from divscope.ranking import Ranking
+from divscope.ranking import Ranking, category_summary
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -26,10 +26,17 @@ def _label(prompt: str, n: int = 40) -> str:
 def score_heatmap(
     ranking: Ranking, metrics: list[str] | None = None, top: int | None = 30, ax: Axes | None = None
 ) -> Figure:
-    """Prompts (rows, best rank first) x metrics (columns); cells hold the scores."""
+    """Prompts (rows, best rank first) x metrics (columns); cells hold the scores.
+
+    By default the columns are the ranked metric's family (mean, ``_ab``, ``_ba``), so that
+    one colour scale means one thing.
+    """
     import seaborn as sns
 
-    metrics = metrics or ranking.available
+    base = ranking.metric.removesuffix("_ab").removesuffix("_ba")
+    metrics = metrics or [
+        m for m in ranking.available if m.removesuffix("_ab").removesuffix("_ba") == base
+    ]
     rows = sorted([p for p in ranking.prompts if p.rank is not None], key=lambda p: p.rank)[:top]
     data = np.array(
         [[np.nan if p.scores.get(m) is None else p.scores[m] for m in metrics] for p in rows],
@@ -100,26 +107,15 @@ def category_means(
 ) -> Figure:
     """Mean score per prompt category with a bootstrap CI over the category's prompts."""
     metric = metric or ranking.metric
-    by_cat: dict[str, list[float]] = {}
-    for p in ranking.prompts:
-        if p.scores.get(metric) is not None:
-            by_cat.setdefault(p.category or "(none)", []).append(p.scores[metric])
-    cats = sorted(by_cat, key=lambda c: -np.mean(by_cat[c]))
-    rng = np.random.default_rng(seed)
-    means, lo, hi = [], [], []
-    for c in cats:
-        x = np.asarray(by_cat[c])
-        boots = x[rng.integers(0, len(x), (n_bootstrap, len(x)))].mean(1)
-        means.append(x.mean())
-        a = (1 - ranking.ci_level) / 2
-        lo.append(np.quantile(boots, a) if len(x) > 1 else x.mean())
-        hi.append(np.quantile(boots, 1 - a) if len(x) > 1 else x.mean())
-    m = np.array(means)
-    fig, ax = _axes(ax, (1.5 + 0.7 * len(cats), 4))
-    ax.bar(cats, m, yerr=[m - np.array(lo), np.array(hi) - m], capsize=3, color="C1")
-    ax.set_ylabel(f"mean {metric}")
+    rows = category_summary(ranking, metric, n_bootstrap, seed)
+    m = np.array([r["mean"] for r in rows])
+    lo = np.array([r["ci_low"] if r["ci_low"] is not None else r["mean"] for r in rows])
+    hi = np.array([r["ci_high"] if r["ci_high"] is not None else r["mean"] for r in rows])
+    fig, ax = _axes(ax, (1.5 + 0.7 * len(rows), 4))
+    ax.bar([r["category"] for r in rows], m, yerr=[m - lo, hi - m], capsize=3, color="C1")
+    ax.set_ylabel(f"mean {metric} [{ranking.units.get(metric, '')}]")
     ax.set_title(
-        f"{metric} by prompt category (n = " + ", ".join(str(len(by_cat[c])) for c in cats) + ")"
+        f"{metric} by prompt category ({int(ranking.ci_level * 100)}% bootstrap CI over prompts)"
     )
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()

@@ -403,3 +403,32 @@ def rank_prompts(
         n_bootstrap,
         ci_level,
     )
+
+
+def category_summary(
+    ranking: Ranking, metric: str | None = None, n_bootstrap: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Mean score per prompt category with a percentile bootstrap CI over its prompts.
+
+    Returns:
+        Rows ``{category, n, mean, ci_low, ci_high}``, highest mean first; the CI is None for
+        a category with a single prompt.
+    """
+    metric = metric or ranking.metric
+    by_cat: dict[str, list[float]] = {}
+    for p in ranking.prompts:
+        if p.scores.get(metric) is not None:
+            by_cat.setdefault(p.category or "(none)", []).append(p.scores[metric])
+    rng = np.random.default_rng(seed)
+    alpha = (1 - ranking.ci_level) / 2
+    rows = []
+    for cat, values in by_cat.items():
+        x = np.asarray(values)
+        lo = hi = None
+        if len(x) > 1:
+            boots = x[rng.integers(0, len(x), (n_bootstrap, len(x)))].mean(1)
+            lo, hi = float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+        rows.append(
+            {"category": cat, "n": len(x), "mean": float(x.mean()), "ci_low": lo, "ci_high": hi}
+        )
+    return sorted(rows, key=lambda r: -r["mean"])

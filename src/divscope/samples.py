@@ -572,6 +572,18 @@ def load_samples(path: str | Path, vocab: TokenVocab | None = None) -> SampleSet
             raise
         except (RecursionError, MemoryError, OverflowError) as e:
             raise SampleFileError(path, f"unreadable record ({e})", _FIX_SHAPE, record=i) from e
+    if fmt == "jsonl":  # appended as prompts finished: put them back in prompt order
+        seen: dict[int, int] = {}
+        for i, r in enumerate(records):
+            if r.index in seen:
+                raise SampleFileError(
+                    path,
+                    f"prompt index {r.index} appears twice (records {seen[r.index]} and {i})",
+                    "keep one record per prompt (re-run the sampler to repair the file)",
+                    record=i,
+                )
+            seen[r.index] = i
+        records.sort(key=lambda r: r.index)
     models = {r.model for r in records}
     if len(models) > 1:
         first = records[0].model

@@ -1,0 +1,66 @@
+"""The divergence core on log-probabilities (torch), in nats.
+
+For distributions P, Q over the last axis given as log-probabilities ``lp``, ``lq`` of shape
+``(..., vocab)``:
+
+* ``KL(P||Q) = sum_x P(x) (log P(x) - log Q(x))``
+* ``JS(P, Q) = 0.5 KL(P||M) + 0.5 KL(Q||M)``, ``log M = logaddexp(lp, lq) - log 2``;
+  ``0 <= JS <= ln 2``.
+
+Terms with ``P(x) = 0`` count 0 (also where ``log Q(x) = -inf``). Everything is computed in
+fp32 or wider (inputs in bf16/fp16 are promoted). Outputs have shape ``(...)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LN2 = math.log(2.0)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _plogratio(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """``P * (log P - log Q)`` elementwise, 0 where P = 0 (no NaN from -inf - -inf)."""
+    p = lp.exp()
+    diff = torch.where(p > 0, lp - lq, torch.zeros_like(lp))
+    return p * diff
+
+
+def kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """KL(P||Q) in nats over the last axis. Shapes ``(..., V) -> (...)``."""
+    lp, lq = _wide(lp), _wide(lq)
+    return _plogratio(lp, lq).sum(-1)
+
+
+def js(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence in nats over the last axis. ``(..., V) -> (...)``."""
+    lp, lq = _wide(lp), _wide(lq)
+    lm = torch.logaddexp(lp, lq) - LN2
+    return 0.5 * _plogratio(lp, lm).sum(-1) + 0.5 * _plogratio(lq, lm).sum(-1)
+
+
+def js_and_kls(
+    lp: torch.Tensor, lq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(JS(P,Q), KL(P||Q), KL(Q||P))`` sharing one ``exp`` of each input.
+
+    Shapes ``(..., V) -> (...)`` each, nats. Uses ``KL(P||M) = sum P (lp - lm)`` and
+    ``KL(P||Q) = sum P (lp - lq)`` with the same ``P = exp(lp)``.
+    """
+    lp, lq = _wide(lp), _wide(lq)
+    p, q = lp.exp(), lq.exp()
+    lm = torch.logaddexp(lp, lq) - LN2
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    d_pq = torch.where(p > 0, lp - lq, zero)
+    d_qp = torch.where(q > 0, lq - lp, zero)
+    kl_pq = (p * d_pq).sum(-1)
+    kl_qp = (q * d_qp).sum(-1)
+    js_ = 0.5 * (p * torch.where(p > 0, lp - lm, zero)).sum(-1) + 0.5 * (
+        q * torch.where(q > 0, lq - lm, zero)
+    ).sum(-1)
+    return js_, kl_pq, kl_qp

