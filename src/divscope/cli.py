@@ -1,4 +1,4 @@
-"""The ``divscope`` command line: ``rank``, ``sample``, ``convert``."""
+"""The ``divscope`` command line: ``rank``, ``sample``, ``personas``, ``convert``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from divscope import __version__
 from divscope.config import ConfigError
 from divscope.errors import SampleFileError
+from divscope.personas import PersonaDataError, TemplateSeamError
 from divscope.ranking import ALL_METRICS, Ranking, rank_prompts
 from divscope.runmeta import atomic_write_json
 from divscope.samples import load_pair, load_samples, write_samples_jsonl
@@ -87,6 +88,50 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0 if summary.complete else 1
 
 
+def _cmd_personas(args: argparse.Namespace) -> int:
+    from divscope.persona_run import PersonaCheckError, run_personas, write_outputs
+    from divscope.personas import load_personas, load_questions
+
+    personas = load_personas(args.personas, args.n_personas)
+    questions = load_questions(args.questions, args.n_questions)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    try:
+        result = run_personas(
+            args.model,
+            personas,
+            questions,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            layers=layers,
+            backend=args.backend,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.quiet,
+        )
+    except PersonaCheckError as e:
+        write_outputs(e.result, args.out, overwrite=args.overwrite)  # type: ignore[attr-defined]
+        print(
+            f"divscope: error: {e}; outputs written to {args.out} for inspection", file=sys.stderr
+        )
+        return 3
+    written = write_outputs(result, args.out, overwrite=args.overwrite)
+    js = result.matrices["js"]
+    n = len(result.names)
+    pairs = sorted(
+        ((js[a, b], result.names[a], result.names[b]) for a in range(n) for b in range(a + 1, n)),
+        reverse=True,
+    )
+    print(f"{n} personas x {len(questions)} questions, model {args.model}; checks ok")
+    for v, a, b in pairs[:3]:
+        print(f"  farthest: {a} vs {b}: JS {v:.4f} nats")
+    for v, a, b in pairs[-3:][::-1]:
+        print(f"  closest:  {a} vs {b}: JS {v:.4f} nats")
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and the tests)."""
     p = argparse.ArgumentParser(prog="divscope", description=__doc__)
@@ -121,6 +166,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_sample)
 
+    pe = sub.add_parser("personas", help="teacher-forced JS/KL matrices between personas")
+    pe.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="hub name, local path, or smollm2-135m-instruct / gemma3-270m",
+    )
+    pe.add_argument("--personas", default="data/personas/core.yaml")
+    pe.add_argument("--questions", default="data/questions/eval20.yaml")
+    pe.add_argument("--n-personas", type=int, default=None, help="the first K personas")
+    pe.add_argument("--n-questions", type=int, default=None, help="the first Q questions")
+    pe.add_argument("--max-new-tokens", type=int, default=48)
+    pe.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    pe.add_argument("--top-p", type=float, default=1.0)
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated hidden_states indices (default: 4 evenly spaced)",
+    )
+    pe.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    pe.add_argument("--device", default="cpu", help="cpu or cuda")
+    pe.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    pe.add_argument("--out", required=True, help="output directory")
+    pe.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
+    pe.add_argument("--quiet", action="store_true", help="no progress bars")
+    pe.set_defaults(func=_cmd_personas)
+
     c = sub.add_parser("convert", help="convert a sample file to divscope JSONL")
     c.add_argument("input")
     c.add_argument("output")
@@ -137,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except SampleFileError as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2
-    except ConfigError as e:
+    except (ConfigError, PersonaDataError, TemplateSeamError) as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2
     except FileExistsError as e:

