@@ -23,6 +23,7 @@ N_PERSONAS = 6  # the first N personas of the file
 N_QUESTIONS = 6  # the first Q questions of the file
 MAX_NEW_TOKENS = 48  # tokens generated per answer (greedy)
 LAYERS = None  # hidden_states indices for cosine (None = 4 evenly spaced, ending at the last)
+LEAKAGE_FILE = None  # optional leakage CSV (source,target,rate) or marker_eval dir for the stats
 OUTPUT_DIR = "eval_results"  # results: OUTPUT_DIR/<run>/*.json, per_prompt.csv
 FIGURES_DIR = "figures"  # figures: FIGURES_DIR/<run>/*.png
 RUN_PREFIX = "persona_js"  # run names are <prefix>_<UTC timestamp>
@@ -162,6 +163,57 @@ rhos = {
     for layer in result.cosine["layers"]
 }
 print("Spearman rho (JS vs centred cosine):", {k: round(float(v), 3) for k, v in rhos.items()})
+
+# %% Statistics: discrimination gate, redundancy with cosine (Mantel), per-question spread
+from divscope import stats
+
+mats, cosines = stats.matrices_from_result(result), stats.cosine_from_result(result)
+analysis = stats.analyze(
+    mats,
+    cosines,
+    stats.load_leakage(LEAKAGE_FILE) if LEAKAGE_FILE else None,
+    n_perm=999,
+    n_boot=500,
+)
+d = analysis["discrimination"]
+print(
+    f"JS over {d['n_pairs']} pairs: mean {d['mean']:.4f}, std {d['std']:.4f}, ratio "
+    f"{d['ratio']:.2f}; gate (std > {d['thresholds']['std']}, ratio > "
+    f"{d['thresholds']['ratio']}): {'pass' if d['pass'] else 'FAIL'}"
+)
+display(
+    pd.DataFrame(analysis["redundancy"]).T[["spearman_rho", "pearson_r", "mantel_p", "redundant"]]
+)
+pq = analysis["per_question"]
+display(
+    pd.DataFrame(
+        [
+            {
+                "question": k,
+                "text": next(q.text for q in questions if q.id == k),
+                **{x: v[x] for x in ("js_mean", "js_std", "cv")},
+            }
+            for k, v in pq["questions"].items()
+        ]
+    )
+)
+
+# %% Leakage (only with LEAKAGE_FILE): JS vs cosine as predictors, KL asymmetry
+if LEAKAGE_FILE:
+    lk = analysis["leakage"]
+    print(f"JS vs leakage over {lk['n_pairs']} directed pairs: rho {lk['js_spearman_rho']:.3f}")
+    for key in lk["cosine"]:
+        vals = [
+            next(c for c in cosines if c.key == key).value(p["source"], p["target"])
+            for p in lk["directed_pairs"]
+        ]
+        show(persona_plots.leakage_side_by_side(lk, key, vals), "leakage_" + key.replace("/", "_"))
+    show(persona_plots.kl_asymmetry_vs_leakage(analysis["kl_asymmetry"]), "kl_asym_vs_leakage")
+else:
+    print(
+        "no LEAKAGE_FILE: set it to a source,target,rate CSV to compare JS and cosine as "
+        "predictors of leakage"
+    )
 
 # %% Consistency checks (a failed check raises before this cell)
 for name, check in result.checks.items():

@@ -276,3 +276,22 @@ def test_vllm_backend_on_gpu(tmp_path):
         unit_cache=tmp_path,
     )
     assert result.checks["all_ok"]
+
+
+def test_stats_keys_are_the_same_from_memory_and_from_json(small_run, tmp_path):
+    from divscope import stats
+
+    result, _ = small_run
+    write_outputs(result, tmp_path)
+    mem = stats.per_question(stats.matrices_from_result(result))
+    disk = stats.per_question(stats.load_matrices(tmp_path / "divergence_matrices.json"))
+    assert mem["order_by_cv"] == disk["order_by_cv"] == disk["order_by_cv"]
+    assert list(mem["questions"]) == ["q01", "q02"] or set(mem["questions"]) == {"q01", "q02"}
+    for k, v in mem["questions"].items():
+        assert v["js_mean"] == pytest.approx(disk["questions"][k]["js_mean"], rel=1e-12)
+        assert v["n_values"] == 3 * 2  # 3 generators x 2 others
+    cos_mem = {c.key: c.matrix for c in stats.cosine_from_result(result)}
+    cos_disk = {c.key: c.matrix for c in stats.load_cosine(tmp_path / "cosine.json")}
+    assert cos_mem.keys() == cos_disk.keys()
+    for k in cos_mem:
+        np.testing.assert_allclose(cos_mem[k], cos_disk[k])

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from divscope import __version__
 from divscope.config import ConfigError
 from divscope.errors import SampleFileError
@@ -13,6 +15,7 @@ from divscope.personas import PersonaDataError, TemplateSeamError
 from divscope.ranking import ALL_METRICS, Ranking, rank_prompts
 from divscope.runmeta import atomic_write_json
 from divscope.samples import load_pair, load_samples, write_samples_jsonl
+from divscope.stats import AnalysisInputError
 
 
 def _short(s: str, n: int) -> str:
@@ -132,6 +135,105 @@ def _cmd_personas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+
+    from divscope import stats
+
+    matrices = stats.load_matrices(args.matrices)
+    cosines = [c for f in args.cosine for c in stats.load_cosine(f)]
+    leakage = stats.load_leakage(args.leakage) if args.leakage else None
+    result = stats.analyze(
+        matrices,
+        cosines,
+        leakage,
+        std_threshold=args.std_threshold,
+        ratio_threshold=args.ratio_threshold,
+        n_perm=args.n_permutations,
+        n_boot=args.n_bootstrap,
+        seed=args.seed,
+    )
+    d = result["discrimination"]
+    print(
+        f"discrimination: JS mean {d['mean']:.4f}, std {d['std']:.4f} (gate > "
+        f"{d['thresholds']['std']}: {'pass' if d['pass_std'] else 'FAIL'}), ratio "
+        f"{d['ratio']:.2f} (gate > {d['thresholds']['ratio']}: "
+        f"{'pass' if d['pass_ratio'] else 'FAIL'}) -> {'PASS' if d['pass'] else 'FAIL'}"
+    )
+    for k, v in result["redundancy"].items():
+        print(
+            f"redundancy JS vs {k}: rho {v['spearman_rho']:.3f}, Mantel p {v['mantel_p']:.4g}"
+            f"{' (redundant)' if v['redundant'] else ''}"
+        )
+    if "leakage" in result:
+        lk = result["leakage"]
+        print(
+            f"leakage ({lk['n_pairs']} directed pairs): JS rho {lk['js_spearman_rho']:.3f} "
+            f"(p {lk['js_spearman_p']:.2g})"
+        )
+        for k, v in lk["cosine"].items():
+            cmp = v.get("comparison") or {}
+            print(
+                f"  cosine {k}: rho {v['spearman_rho']:.3f}; |rho_JS| - rho_cos = "
+                f"{cmp.get('difference', float('nan')):.3f}, MRR z {cmp.get('statistic', 0):.2f}"
+                f", p {cmp.get('p', float('nan')):.3g}"
+            )
+    if args.json:
+        atomic_write_json(Path(args.json), result, overwrite=args.overwrite)
+        print(f"wrote {args.json}")
+    if args.figures:
+        _analysis_figures(matrices, cosines, result, Path(args.figures))
+        print(f"figures in {args.figures}")
+    return 0
+
+
+def _analysis_figures(matrices, cosines, result, out: Path) -> None:  # noqa: ANN001
+    import matplotlib.pyplot as plt
+
+    from divscope import persona_plots as pp
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(fig, name: str) -> None:  # noqa: ANN001
+        fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+
+    order = pp.cluster_order(matrices.js)
+    save(
+        pp.matrix_heatmap(matrices.js, matrices.names, order=order, label="JS [nats]", title="JS"),
+        "js",
+    )
+    if matrices.kl is not None:
+        save(
+            pp.matrix_heatmap(
+                matrices.kl, matrices.names, order=order, label="nats", title="KL(P_row || P_col)"
+            ),
+            "kl",
+        )
+    for c in cosines:
+        if c.key in result["redundancy"]:
+            idx = [c.names.index(n) for n in matrices.names]
+            save(
+                pp.js_vs_cosine(
+                    matrices.js,
+                    c.matrix[np.ix_(idx, idx)],
+                    matrices.names,
+                    layer=c.key.split("layer_")[-1],
+                    kind=c.key.split("/")[0],
+                ),
+                "js_vs_cosine_" + c.key.replace("/", "_"),
+            )
+    if "leakage" in result:
+        lk = result["leakage"]
+        for c in cosines:
+            if c.key in lk["cosine"]:
+                vals = [c.value(p["source"], p["target"]) for p in lk["directed_pairs"]]
+                save(
+                    pp.leakage_side_by_side(lk, c.key, vals),
+                    "leakage_js_vs_" + c.key.replace("/", "_"),
+                )
+        save(pp.kl_asymmetry_vs_leakage(result["kl_asymmetry"]), "kl_asymmetry_vs_leakage")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and the tests)."""
     p = argparse.ArgumentParser(prog="divscope", description=__doc__)
@@ -193,6 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
     pe.set_defaults(func=_cmd_personas)
 
+    a = sub.add_parser("analyze", help="statistics: JS vs cosine vs leakage")
+    a.add_argument("--matrices", required=True, help="divergence_matrices.json")
+    a.add_argument("--cosine", action="append", default=[], help="cosine file (repeatable)")
+    a.add_argument("--leakage", default=None, help="leakage CSV, marker_eval file or directory")
+    a.add_argument("--json", default=None, help="write the analysis here")
+    a.add_argument("--figures", default=None, help="write figures into this directory")
+    a.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
+    a.add_argument("--std-threshold", type=float, default=0.05, help="discrimination gate")
+    a.add_argument("--ratio-threshold", type=float, default=3.0, help="discrimination gate")
+    a.add_argument("--n-permutations", type=int, default=9999, help="Mantel permutations")
+    a.add_argument("--n-bootstrap", type=int, default=2000, help="bootstrap resamples")
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=_cmd_analyze)
+
     c = sub.add_parser("convert", help="convert a sample file to divscope JSONL")
     c.add_argument("input")
     c.add_argument("output")
@@ -209,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     except SampleFileError as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, PersonaDataError, TemplateSeamError) as e:
+    except (ConfigError, PersonaDataError, TemplateSeamError, AnalysisInputError) as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2
     except FileExistsError as e:

@@ -86,3 +86,71 @@ def js_vs_cosine(
     ax.set_title(f"layer {layer}: Spearman rho = {rho:.2f} (n = {len(x)} pairs)")
     fig.tight_layout()
     return fig
+
+
+def leakage_side_by_side(
+    leakage_result: dict,
+    cosine_key: str,
+    cosine_values: list[float],
+    *,
+    axes: list[Axes] | None = None,
+) -> Figure:
+    """JS vs leakage and cosine vs leakage on the same directed pairs, side by side.
+
+    ``leakage_result`` is ``analyze(...)["leakage"]``; ``cosine_values`` are the cosine of
+    its ``directed_pairs`` in the same order.
+    """
+    pairs = leakage_result["directed_pairs"]
+    leak = [p["leakage_rate"] for p in pairs]
+    js = [p["js"] for p in pairs]
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    fig = axes[0].figure
+    sources = sorted({p["source"] for p in pairs})
+    colors = {s: f"C{i}" for i, s in enumerate(sources)}
+    c = [colors[p["source"]] for p in pairs]
+    cos_entry = leakage_result["cosine"].get(cosine_key, {})
+    for ax, x, label, rho in (
+        (axes[0], js, "JS [nats]", leakage_result["js_spearman_rho"]),
+        (axes[1], cosine_values, f"cosine {cosine_key}", cos_entry.get("spearman_rho")),
+    ):
+        ax.scatter(x, leak, c=c, s=20)
+        ax.set_xlabel(label)
+        ax.set_title(f"Spearman rho = {rho:.3f}" if rho is not None else "rho undefined")
+    axes[0].set_ylabel("leakage rate (source -> target)")
+    for s in sources:
+        axes[1].scatter([], [], c=colors[s], label=s, s=20)
+    axes[1].legend(title="source", fontsize=7, loc="best")
+    cmp = cos_entry.get("comparison")
+    if cmp:
+        fig.suptitle(
+            f"n = {len(pairs)} directed pairs; |rho_JS| - rho_cos = "
+            f"{cmp['difference']:.3f}, MRR z = {cmp['statistic']:.2f}, "
+            f"p = {cmp['p']:.3g}",
+            fontsize=9,
+        )
+    fig.tight_layout()
+    return fig
+
+
+def kl_asymmetry_vs_leakage(kl_result: dict, ax: Axes | None = None) -> Figure:
+    """Signed KL asymmetry against signed leakage asymmetry (``analyze(...)["kl_asymmetry"]``)."""
+    rows = kl_result.get("pairs", [])
+    fig, ax = _axes(ax, (4.8, 4))
+    x = [r["kl_asym"] for r in rows]
+    y = [r["leak_asym"] for r in rows]
+    ax.scatter(x, y, s=22)
+    for r in rows:
+        ax.annotate(f"{r['a']}/{r['b']}", (r["kl_asym"], r["leak_asym"]), fontsize=6)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("KL(P_a||P_b) - KL(P_b||P_a) [nats]")
+    ax.set_ylabel("leak(a->b) - leak(b->a)")
+    rho = (kl_result.get("signed") or {}).get("spearman_rho")
+    ax.set_title(
+        f"KL vs leakage asymmetry (n = {len(rows)}, rho = {rho:.2f})"
+        if rho is not None
+        else "KL vs leakage asymmetry"
+    )
+    fig.tight_layout()
+    return fig
