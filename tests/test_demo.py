@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -169,3 +170,41 @@ def test_persona_demo_layout_follows_the_style_guide():
     }
     assert names <= {ln.split("=")[0].strip() for ln in lines}
     assert all(ln.split("=")[0].strip().isupper() and "  # " in ln for ln in lines)
+
+
+def test_finetune_example_reduced(tmp_path):
+    import re
+
+    src = (ROOT / "examples" / "kl_regularized_finetune.py").read_text()
+    small = {
+        "PENALTY_WEIGHTS": "[0.0, 1.0]",
+        "STEPS": "2",
+        "BATCH_SIZE": "2",
+        "N_HELDOUT": "2",
+        "EVAL_EVERY": "1",
+        "MAX_NEW_TOKENS": "6",
+        "TRAIN_LAST_BLOCKS": "1",
+    }
+    for name, value in small.items():
+        src, n = re.subn(rf"^{name} = [^#\n]*", f"{name} = {value}  ", src, flags=re.M)
+        assert n == 1, name
+    (tmp_path / "example.py").write_text(src)
+    shutil.copytree(ROOT / "data", tmp_path / "data")
+    proc = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads(
+        next((tmp_path / "eval_results").glob("kl_finetune_*/finetune_log.json")).read_text()
+    )
+    assert set(log["runs"]) == {"0.0", "1.0"}
+    for entry in log["runs"].values():
+        assert len(entry["task_loss"]) == 2 and len(entry["drift"]) == 3
+        assert all(math.isfinite(x) and x >= 0 for x in entry["task_loss"] + entry["drift"])
+        assert entry["drift"][0] == pytest.approx(0.0, abs=1e-6)  # before any step: the base
+    assert next((tmp_path / "figures").glob("kl_finetune_*/task_loss_and_drift.png")).exists()
