@@ -179,3 +179,9 @@ meta = run_metadata(
 )
 atomic_write_json(run_dir / "metadata.json", meta)
 print(f"wrote {run_dir}/ranking.json and metadata.json; figures in {fig_dir}")
+
+# %% A self-contained HTML report of this run (tables, figures, token view with hover)
+from divscope.report import build_report
+
+report_path = build_report(run_dir, run_dir / "report.html")[0]
+print(f"report: {report_path.resolve()}")

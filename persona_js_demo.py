@@ -21,6 +21,7 @@ PERSONAS_FILE = "data/personas/core.yaml"  # personas: [{name, prompt}]
 QUESTIONS_FILE = "data/questions/eval20.yaml"  # questions: [{id, text, category}]
 N_PERSONAS = 6  # the first N personas of the file
 N_QUESTIONS = 6  # the first Q questions of the file
+EXPLAIN_PAIRS = 2  # token-level "what changed" for the N farthest persona pairs
 MAX_NEW_TOKENS = 48  # tokens generated per answer (greedy)
 LAYERS = None  # hidden_states indices for cosine (None = 4 evenly spaced, ending at the last)
 LEAKAGE_FILE = None  # optional leakage CSV (source,target,rate) or marker_eval dir for the stats
@@ -39,6 +40,7 @@ from IPython.display import display
 from scipy.stats import spearmanr
 
 from divscope import persona_plots
+from divscope.models import load_model
 from divscope.persona_run import run_personas, write_outputs
 from divscope.personas import load_personas, load_questions
 from divscope.runmeta import new_run_dir
@@ -65,6 +67,7 @@ display(pd.DataFrame([{"persona": p.name, "system prompt": p.prompt} for p in pe
 display(pd.DataFrame([{"id": q.id, "category": q.category, "question": q.text} for q in questions]))
 
 # %% Generate, teacher-force every answer under every persona, aggregate (cached by content)
+loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 result = run_personas(
     MODEL,
     personas,
@@ -74,6 +77,7 @@ result = run_personas(
     backend=BACKEND,
     device=DEVICE,
     dtype=DTYPE,
+    loaded=loaded,
 )
 run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
 fig_dir = Path(FIGURES_DIR) / run_dir.name
@@ -221,3 +225,17 @@ for name, check in result.checks.items():
         values = ", ".join(f"{k}={v}" for k, v in check.items() if k != "ok")
         print(f"{'ok  ' if check['ok'] else 'FAIL'} {name}: {values}")
 print(f"all checks ok: {result.checks['all_ok']}; results in {run_dir}, figures in {fig_dir}")
+
+# %% What changed for the farthest pairs, then a self-contained HTML report of the run
+from divscope.explain import explain_run
+from divscope.report import build_report
+from divscope.runmeta import atomic_write_json
+
+explanations = explain_run(*loaded, result.records, names, m["js"], n_pairs=EXPLAIN_PAIRS)
+atomic_write_json(run_dir / "explain.json", explanations)
+for ex in explanations:
+    boosted = ", ".join(repr(t["token"]) for t in ex["what_changed"]["boosted_in_b"][:6])
+    suppressed = ", ".join(repr(t["token"]) for t in ex["what_changed"]["suppressed_in_b"][:6])
+    print(f"{ex['a']} -> {ex['b']}: boosts {boosted}; suppresses {suppressed}")
+report_path = build_report(run_dir, run_dir / "report.html")[0]
+print(f"report: {report_path.resolve()}")

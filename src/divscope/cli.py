@@ -13,6 +13,7 @@ from divscope.config import ConfigError
 from divscope.errors import SampleFileError
 from divscope.personas import PersonaDataError, TemplateSeamError
 from divscope.ranking import ALL_METRICS, Ranking, rank_prompts
+from divscope.report import ReportError
 from divscope.runmeta import atomic_write_json
 from divscope.samples import load_pair, load_samples, write_samples_jsonl
 from divscope.stats import AnalysisInputError
@@ -98,11 +99,15 @@ def _cmd_personas(args: argparse.Namespace) -> int:
     personas = load_personas(args.personas, args.n_personas)
     questions = load_questions(args.questions, args.n_questions)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    from divscope.models import load_model
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     try:
         result = run_personas(
             args.model,
             personas,
             questions,
+            loaded=loaded,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -120,6 +125,16 @@ def _cmd_personas(args: argparse.Namespace) -> int:
         )
         return 3
     written = write_outputs(result, args.out, overwrite=args.overwrite)
+    if args.explain_pairs:
+        from divscope.explain import explain_run
+        from divscope.runmeta import atomic_write_json
+
+        explanations = explain_run(
+            *loaded, result.records, result.names, result.matrices["js"], n_pairs=args.explain_pairs
+        )
+        written["explain.json"] = atomic_write_json(
+            Path(args.out) / "explain.json", explanations, overwrite=True
+        )
     js = result.matrices["js"]
     n = len(result.names)
     pairs = sorted(
@@ -234,6 +249,14 @@ def _analysis_figures(matrices, cosines, result, out: Path) -> None:  # noqa: AN
         save(pp.kl_asymmetry_vs_leakage(result["kl_asymmetry"]), "kl_asymmetry_vs_leakage")
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from divscope.report import build_report
+
+    for path in build_report(args.run_dir, args.out, args.format, overwrite=args.overwrite):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and the tests)."""
     p = argparse.ArgumentParser(prog="divscope", description=__doc__)
@@ -290,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     pe.add_argument("--device", default="cpu", help="cpu or cuda")
     pe.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    pe.add_argument(
+        "--explain-pairs",
+        type=int,
+        default=2,
+        help="write token-level explanations of the N farthest pairs (0: none)",
+    )
     pe.add_argument("--out", required=True, help="output directory")
     pe.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -309,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(func=_cmd_analyze)
 
+    rp = sub.add_parser("report", help="a self-contained HTML (or Markdown) report of a run")
+    rp.add_argument("run_dir", help="a ranking run (ranking.json) or a persona run directory")
+    rp.add_argument("--out", default=None, help="output file (default RUN_DIR/report.html)")
+    rp.add_argument("--format", choices=("html", "md", "both"), default="html")
+    rp.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    rp.set_defaults(func=_cmd_report)
+
     c = sub.add_parser("convert", help="convert a sample file to divscope JSONL")
     c.add_argument("input")
     c.add_argument("output")
@@ -325,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     except SampleFileError as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, PersonaDataError, TemplateSeamError, AnalysisInputError) as e:
+    except (ConfigError, PersonaDataError, TemplateSeamError, AnalysisInputError, ReportError) as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2
     except FileExistsError as e:

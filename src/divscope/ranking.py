@@ -414,21 +414,11 @@ def category_summary(
         Rows ``{category, n, mean, ci_low, ci_high}``, highest mean first; the CI is None for
         a category with a single prompt.
     """
+    from divscope.summary import category_means
+
     metric = metric or ranking.metric
     by_cat: dict[str, list[float]] = {}
     for p in ranking.prompts:
         if p.scores.get(metric) is not None:
             by_cat.setdefault(p.category or "(none)", []).append(p.scores[metric])
-    rng = np.random.default_rng(seed)
-    alpha = (1 - ranking.ci_level) / 2
-    rows = []
-    for cat, values in by_cat.items():
-        x = np.asarray(values)
-        lo = hi = None
-        if len(x) > 1:
-            boots = x[rng.integers(0, len(x), (n_bootstrap, len(x)))].mean(1)
-            lo, hi = float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
-        rows.append(
-            {"category": cat, "n": len(x), "mean": float(x.mean()), "ci_low": lo, "ci_high": hi}
-        )
-    return sorted(rows, key=lambda r: -r["mean"])
+    return category_means(by_cat, n_bootstrap, seed, ranking.ci_level)

@@ -160,13 +160,17 @@ def teacher_force(
 
 
 @torch.no_grad()
-def response_logprobs(model: torch.nn.Module, prompt: list[int], response: list[int],
-                      head: tuple[torch.Tensor, torch.Tensor | None, float | None] | None = None
-                      ) -> torch.Tensor:
+def response_logprobs(
+    model: torch.nn.Module,
+    prompt: list[int],
+    response: list[int],
+    head: tuple[torch.Tensor, torch.Tensor | None, float | None] | None = None,
+) -> torch.Tensor:
     """fp32 log-probabilities ``(T, V)`` of the model's next-token distributions at the
     positions that predict ``response`` after ``prompt`` (teacher-forced, one sequence)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt + response], device=device)
     h = decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
-    return fp32_logprobs(h[len(prompt) - 1: len(prompt) - 1 + len(response)],
-                         head or output_head(model))
+    return fp32_logprobs(
+        h[len(prompt) - 1 : len(prompt) - 1 + len(response)], head or output_head(model)
+    )

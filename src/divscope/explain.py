@@ -1,0 +1,189 @@
+"""Say what differs, not just how much: per-token attribution and "what changed" tokens.
+
+* :func:`persona_pair_explanation` teacher-forces the answers of two personas A and B under
+  both prompts and returns, per answer and position, the divergence with the token and both
+  sides' top-k, plus the tokens whose probability moves most from A to B, aggregated over all
+  scored positions. The aggregation streams over positions with running full-vocabulary sums
+  (one vector per statistic), never storing the per-position distributions:
+
+  - expected-probability difference ``dP(x) = mean_t [P_B(x | t) - P_A(x | t)]``;
+  - probability-weighted mean log-ratio
+    ``L(x) = sum_t w_t(x) (log P_B(x|t) - log P_A(x|t)) / sum_t w_t(x)``,
+    ``w_t(x) = (P_A(x|t) + P_B(x|t)) / 2`` (tokens that matter at a position weigh more).
+
+  "Boosted" tokens have the largest ``dP`` (B more likely), "suppressed" the smallest.
+* :func:`pair_cosine_by_layer` reads the cosine-by-layer curve of every persona pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from divscope.divergence import js_and_kls
+from divscope.teacher_force import decoder, fp32_logprobs, output_head
+
+
+def _tok(tokenizer: Any, i: int) -> str:
+    return tokenizer.decode([int(i)])
+
+
+@torch.no_grad()
+def _position_logprobs(
+    model: Any, prompt: list[int], response: list[int], head: Any
+) -> torch.Tensor:
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + response], device=device)
+    h = decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
+    return fp32_logprobs(h[len(prompt) - 1 : len(prompt) - 1 + len(response)], head)
+
+
+@torch.no_grad()
+def persona_pair_explanation(
+    model: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    prompts: dict[tuple[str, str], list[int]],
+    a: str,
+    b: str,
+    *,
+    top_k: int = 5,
+    n_tokens: int = 15,
+    top_positions: int = 5,
+) -> dict[str, Any]:
+    """Token-level view and "what changed" for personas ``a`` -> ``b``.
+
+    Args:
+        model, tokenizer: The model of the persona run.
+        records: ``generations.json`` records (persona, question_id, response_token_ids, ...).
+        prompts: ``(persona, question_id) -> prompt ids`` for both personas.
+        a, b: The persona pair; A's and B's own answers are both used.
+        top_k: Top tokens shown per side at each position.
+        n_tokens: Boosted / suppressed tokens reported per direction.
+        top_positions: Positions listed as carrying most of each answer's divergence.
+
+    Returns:
+        ``{"a", "b", "responses": [...], "what_changed": {...}}``; each response has per-token
+        ``js``, ``kl_ab`` = KL(P_A||P_B), ``kl_ba`` and both sides' top-k.
+    """
+    head = output_head(model)
+    vocab = head[0].shape[0]
+    d_prob = torch.zeros(vocab, dtype=torch.float64)
+    lr_num = torch.zeros(vocab, dtype=torch.float64)
+    lr_den = torch.zeros(vocab, dtype=torch.float64)
+    n_pos = 0
+    responses = []
+    for rec in records:
+        if rec["persona"] not in (a, b):
+            continue
+        q = rec["question_id"]
+        resp = rec["response_token_ids"]
+        if not resp:
+            continue
+        la = _position_logprobs(model, prompts[(a, q)], resp, head)  # (T, V)
+        lb = _position_logprobs(model, prompts[(b, q)], resp, head)
+        js, kl_ab, kl_ba = js_and_kls(la, lb)
+        pa, pb = la.exp().double(), lb.exp().double()
+        d_prob += (pb - pa).sum(0)
+        w = 0.5 * (pa + pb)
+        lr_num += (w * (lb - la).double()).sum(0)
+        lr_den += w.sum(0)
+        n_pos += len(resp)
+        ta, ia = la.topk(top_k, -1)
+        tb, ib = lb.topk(top_k, -1)
+        tokens = [_tok(tokenizer, t) for t in resp]
+        share = js / js.sum().clamp(min=1e-30)
+        order = torch.argsort(js, descending=True)[:top_positions].tolist()
+        responses.append(
+            {
+                "generator": rec["persona"],
+                "question_id": q,
+                "question": rec.get("question"),
+                "tokens": tokens,
+                "js": js.tolist(),
+                "kl_ab": kl_ab.tolist(),
+                "kl_ba": kl_ba.tolist(),
+                "top_a": [
+                    [[_tok(tokenizer, i), float(v)] for i, v in zip(ii, vv, strict=True)]
+                    for ii, vv in zip(ia.tolist(), ta.exp().tolist(), strict=True)
+                ],
+                "top_b": [
+                    [[_tok(tokenizer, i), float(v)] for i, v in zip(ii, vv, strict=True)]
+                    for ii, vv in zip(ib.tolist(), tb.exp().tolist(), strict=True)
+                ],
+                "mean_js": float(js.mean()),
+                "top_positions": [
+                    {
+                        "position": i,
+                        "token": tokens[i],
+                        "js": float(js[i]),
+                        "share": float(share[i]),
+                    }
+                    for i in order
+                ],
+            }
+        )
+    dp = (d_prob / max(n_pos, 1)).numpy()
+    lrat = (lr_num / lr_den.clamp(min=1e-300)).numpy()
+
+    def listing(idx: np.ndarray) -> list[dict[str, Any]]:
+        return [
+            {
+                "token": _tok(tokenizer, int(i)),
+                "id": int(i),
+                "delta_prob": float(dp[i]),
+                "weighted_log_ratio": float(lrat[i]),
+            }
+            for i in idx
+        ]
+
+    order = np.argsort(dp)
+    return {
+        "a": a,
+        "b": b,
+        "positions": n_pos,
+        "responses": responses,
+        "what_changed": {
+            "definition": "delta_prob = mean over positions of P_b - P_a; "
+            "weighted_log_ratio = sum w (log P_b - log P_a) / sum w, "
+            "w = (P_a + P_b) / 2",
+            "boosted_in_b": listing(order[::-1][:n_tokens]),
+            "suppressed_in_b": listing(order[:n_tokens]),
+        },
+    }
+
+
+def pair_cosine_by_layer(
+    cosine: dict[str, Any], names: list[str], kind: str = "centred"
+) -> dict[str, list[float]]:
+    """``"a|b" -> [cosine at each layer]`` for every persona pair (from ``cosine.json``)."""
+    layers = [str(x) for x in cosine["layers"]]
+    out = {}
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            out[f"{a}|{names[j]}"] = [float(cosine[kind][layer][i][j]) for layer in layers]
+    return out
+
+
+def explain_run(
+    model: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    names: list[str],
+    js: np.ndarray,
+    *,
+    n_pairs: int = 2,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """:func:`persona_pair_explanation` for the ``n_pairs`` farthest persona pairs by JS."""
+    prompts = {(r["persona"], r["question_id"]): r["prompt_token_ids"] for r in records}
+    iu = np.triu_indices(len(names), 1)
+    order = np.argsort(-np.asarray(js)[iu])[:n_pairs]
+    return [
+        persona_pair_explanation(
+            model, tokenizer, records, prompts, names[iu[0][k]], names[iu[1][k]], **kwargs
+        )
+        for k in order
+    ]

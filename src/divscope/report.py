@@ -1,0 +1,563 @@
+"""``divscope report RUN_DIR``: one self-contained HTML page (and/or Markdown) for a run.
+
+Works on a ranking run (a directory with ``ranking.json`` as written by ``kl_demo.py`` or
+``divscope rank --json``; the sample files it names are read for the token view) and on a
+persona run (``divergence_matrices.json``, ``generations.json``, ``cosine.json``, optionally
+``explain.json``). The HTML inlines its CSS, JS and figures (PNG as data URIs) and makes no
+network request: sortable tables, heatmaps, the top items' text with each token coloured by
+its divergence and, on hover, both sides' top-k at that position.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
+h1{font-size:1.5em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:left}
+th{background:#f2f2f2;cursor:pointer;user-select:none}
+th.sorted-asc::after{content:" \\25B2"}th.sorted-desc::after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.tokens{font-family:monospace;font-size:13px;line-height:1.9;white-space:pre-wrap;
+border:1px solid #ddd;padding:8px;background:#fafafa}
+.tok{border-radius:2px;cursor:default}
+#tip{position:fixed;display:none;background:#fff;border:1px solid #888;padding:6px;
+font:12px monospace;box-shadow:2px 2px 6px #999;z-index:10;pointer-events:none}
+#tip table{font-size:11px}.muted{color:#777}img{max-width:100%}
+.note{background:#fff8e1;border-left:4px solid #f0c040;padding:6px 10px;margin:6px 0}
+.ok{color:#1a7f37}.fail{color:#c62828;font-weight:bold}
+"""
+
+JS = """
+function sortTable(th){const table=th.closest('table');const idx=[...th.parentNode.children]
+.indexOf(th);const body=table.tBodies[0];const rows=[...body.rows];const asc=!th.classList
+.contains('sorted-asc');rows.sort((a,b)=>{const x=a.cells[idx].dataset.v??a.cells[idx]
+.textContent,y=b.cells[idx].dataset.v??b.cells[idx].textContent;const fx=parseFloat(x),
+fy=parseFloat(y);let c=(!isNaN(fx)&&!isNaN(fy))?fx-fy:x.localeCompare(y);return asc?c:-c});
+rows.forEach(r=>body.appendChild(r));table.querySelectorAll('th').forEach(h=>h.classList
+.remove('sorted-asc','sorted-desc'));th.classList.add(asc?'sorted-asc':'sorted-desc')}
+document.querySelectorAll('table.sortable th').forEach(th=>th.addEventListener('click',
+()=>sortTable(th)));
+const tip=document.getElementById('tip');
+document.querySelectorAll('.tok').forEach(t=>{t.addEventListener('mouseenter',e=>{
+const d=JSON.parse(t.dataset.info);let h='<b>'+esc(d.token)+'</b> &nbsp; '+esc(d.value)+
+'<table><tr><th>'+esc(d.a_name)+'</th><th>p</th><th>'+esc(d.b_name)+'</th><th>p</th></tr>';
+const n=Math.max(d.a.length,d.b.length);for(let i=0;i<n;i++){const x=d.a[i]||['',''],
+y=d.b[i]||['',''];h+='<tr><td>'+esc(x[0])+'</td><td>'+x[1]+'</td><td>'+esc(y[0])+'</td><td>'
++y[1]+'</td></tr>'}tip.innerHTML=h+'</table>'+(d.note?'<div>'+esc(d.note)+'</div>':'');
+tip.style.display='block';tip.style.left=(e.clientX+12)+'px';tip.style.top=(e.clientY+12)
++'px'});t.addEventListener('mouseleave',()=>{tip.style.display='none'})});
+function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;',
+'"':'&quot;'}[c]))}
+"""
+
+
+class ReportError(ValueError):
+    """The directory is not a run divscope can report on; names it and the fix."""
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(
+    headers: list[str], rows: list[list[Any]], *, sortable: bool = True, table_id: str | None = None
+) -> str:
+    """An HTML table; numeric cells carry their value for sorting."""
+    tid = f' id="{table_id}"' if table_id else ""
+    cls = ' class="sortable"' if sortable else ""
+    out = [f"<table{tid}{cls}><thead><tr>"]
+    out += [f"<th>{html.escape(h)}</th>" for h in headers]
+    out.append("</tr></thead><tbody>")
+    for row in rows:
+        out.append("<tr>")
+        for v in row:
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out.append(f'<td class="num" data-v="{v!r}">{_fmt(v)}</td>')
+            elif v is None:
+                out.append('<td class="num" data-v="NaN">–</td>')
+            else:
+                out.append(f"<td>{html.escape(str(v))}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return _fmt(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _color(value: float, scale: float) -> str:
+    if not np.isfinite(value):
+        return "rgba(200,200,200,0.5)"
+    x = max(-1.0, min(1.0, value / scale)) if scale > 0 else 0.0
+    return f"rgba(220,40,40,{x:.3f})" if x >= 0 else f"rgba(40,90,220,{-x:.3f})"
+
+
+def token_html(tokens: list[str], values: list[float], infos: list[dict[str, Any]]) -> str:
+    """Tokens as spans coloured by value (red positive, blue negative); hover shows ``info``."""
+    finite = [abs(v) for v in values if v is not None and np.isfinite(v)]
+    scale = float(np.quantile(finite, 0.98)) if finite else 1.0
+    spans = []
+    for tok, v, info in zip(tokens, values, infos, strict=True):
+        v = float("nan") if v is None else float(v)
+        data = html.escape(json.dumps(info), quote=True)
+        spans.append(
+            f'<span class="tok" style="background:{_color(v, scale)}" '
+            f'data-info="{data}">{html.escape(tok)}</span>'
+        )
+    return '<div class="tokens">' + "".join(spans) + "</div>"
+
+
+class Page:
+    """Collects sections; renders self-contained HTML and/or Markdown."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.html: list[str] = []
+        self.md: list[str] = [f"# {title}"]
+        self.figures: list[tuple[str, bytes]] = []
+
+    def heading(self, text: str) -> None:
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+        self.md.append(f"\n## {text}")
+
+    def para(self, text: str, cls: str | None = None) -> None:
+        c = f' class="{cls}"' if cls else ""
+        self.html.append(f"<p{c}>{html.escape(text)}</p>")
+        self.md.append(f"\n{text}")
+
+    def table(self, headers: list[str], rows: list[list[Any]], table_id: str | None = None) -> None:
+        self.html.append(table(headers, rows, table_id=table_id))
+        self.md.append("\n" + md_table(headers, rows))
+
+    def figure(self, name: str, fig: Any, caption: str = "") -> None:
+        data = _png(fig)
+        self.figures.append((name, data))
+        b64 = base64.b64encode(data).decode()
+        self.html.append(
+            f'<figure><img alt="{html.escape(name)}" '
+            f'src="data:image/png;base64,{b64}"><figcaption class="muted">'
+            f"{html.escape(caption)}</figcaption></figure>"
+        )
+        self.md.append(f"\n![{caption or name}](FIGDIR/{name}.png)")
+
+    def raw_html(self, fragment: str, md_text: str | None = None) -> None:
+        self.html.append(fragment)
+        if md_text:
+            self.md.append("\n" + md_text)
+
+    def render_html(self) -> str:
+        body = "\n".join(self.html)
+        return (
+            f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(self.title)}</title><style>{CSS}</style></head><body>"
+            f'<h1>{html.escape(self.title)}</h1>{body}<div id="tip"></div>'
+            f"<script>{JS}</script></body></html>"
+        )
+
+
+# ---------------------------------------------------------------------------- ranking runs
+
+
+def _ranking_report(run: Path, page: Page) -> None:
+    from divscope import plots
+    from divscope.contributions import token_contributions
+    from divscope.ranking import PromptScore, Ranking, category_summary
+    from divscope.samples import load_pair
+
+    doc = json.loads((run / "ranking.json").read_text())
+    meta = (
+        json.loads((run / "metadata.json").read_text()) if (run / "metadata.json").exists() else {}
+    )
+    prompts = [
+        PromptScore(**{k: p.get(k) for k in PromptScore.__dataclass_fields__})
+        for p in doc["prompts"]
+    ]
+    r = Ranking(
+        doc["metric"],
+        doc["models"],
+        doc.get("files", []),
+        doc.get("units", {}),
+        doc.get("available_metrics", []),
+        doc.get("notes", []),
+        prompts,
+        doc.get("bootstrap", {}).get("n", 0),
+        doc.get("bootstrap", {}).get("ci_level", 0.95),
+    )
+    m = r.metric
+    page.heading("Run")
+    page.table(
+        ["field", "value"],
+        [
+            ["models", " vs ".join(r.models)],
+            ["metric", m],
+            ["units", r.units.get(m, "")],
+            ["files", ", ".join(r.files)],
+            ["created", meta.get("created")],
+            ["divscope", meta.get("divscope_version")],
+            ["git commit", meta.get("git_commit")],
+        ],
+    )
+    page.heading("Checks and notes")
+    for note in r.notes:
+        page.para(note, "note")
+    excluded = sum(sum(p.excluded_responses) for p in prompts)
+    unscored = [p for p in prompts if p.rank is None]
+    page.para(
+        f"{len(prompts)} prompts, {len(unscored)} unscored, {excluded} responses "
+        "excluded for missing logprobs (never scored as 0)."
+    )
+    page.heading("Prompts ranked")
+    cats = any(p.category for p in prompts)
+    headers = (
+        ["rank", "index"]
+        + (["category"] if cats else [])
+        + [m, "ci low", "ci high", "n_a", "n_b", "prompt"]
+    )
+    rows = []
+    for p in sorted(prompts, key=lambda p: (p.rank is None, p.rank or 0)):
+        ci = p.ci.get(m) or [None, None]
+        rows.append(
+            [p.rank, p.index]
+            + ([p.category] if cats else [])
+            + [p.scores.get(m), ci[0], ci[1], p.n_responses[0], p.n_responses[1], p.prompt[:120]]
+        )
+    page.table(headers, rows, table_id="prompts")
+    if cats:
+        page.heading("By category")
+        page.table(
+            ["category", "n", "mean", "ci low", "ci high"],
+            [
+                [c["category"], c["n"], c["mean"], c["ci_low"], c["ci_high"]]
+                for c in category_summary(r)
+            ],
+            table_id="categories",
+        )
+        page.figure("category_means", plots.category_means(r), f"mean {m} per category")
+    page.heading("Figures")
+    page.figure("heatmap", plots.score_heatmap(r, top=15), "top prompts x metrics")
+    page.figure("ranked_scores", plots.ranked_scores(r, top=15), "scores with CIs")
+    page.figure("distribution", plots.score_distribution(r), f"{m} over prompts")
+    page.heading("Top prompts, token by token")
+    files = [f if Path(f).exists() else str(run.parent.parent / f) for f in r.files]
+    try:
+        a, b = load_pair(*files)
+    except Exception as e:  # noqa: BLE001 - the report still has everything else
+        page.para(f"sample files not readable ({e}); token view skipped", "note")
+        return
+    strings = a.vocab.strings
+    for p in sorted([p for p in prompts if p.rank is not None], key=lambda p: p.rank)[:3]:
+        ra, rb = a.records[p.index], b.records[p.index]
+        tokens, values, kind = token_contributions(ra, rb, 0, model_b=b.model)
+        resp = ra.usable[0]
+        cross = resp.cross.get(b.model)
+        infos = []
+        for t, tok in enumerate(tokens):
+            top_a = [
+                [strings[j], round(float(np.exp(v)), 4)]
+                for j, v in zip(resp.scores.top_ids[t], resp.scores.top_logprobs[t], strict=True)
+                if j >= 0
+            ][:5]
+            top_b: list[list[Any]] = []
+            note = ""
+            if cross is not None and cross.aligned and cross.scores.top_ids.shape[1]:
+                top_b = [
+                    [strings[j], round(float(np.exp(v)), 4)]
+                    for j, v in zip(
+                        cross.scores.top_ids[t], cross.scores.top_logprobs[t], strict=True
+                    )
+                    if j >= 0
+                ][:5]
+            elif cross is not None:
+                note = (
+                    f"{b.model} tokenises differently: its log-probability is spread over "
+                    "the text (per-byte view)"
+                )
+            else:
+                note = f"no cross-score under {b.model}: legacy heuristic"
+            infos.append(
+                {
+                    "token": tok,
+                    "value": f"{kind} term {values[t]:.4f}",
+                    "a_name": a.model,
+                    "a": top_a,
+                    "b_name": b.model,
+                    "b": top_b,
+                    "note": note,
+                }
+            )
+        page.raw_html(
+            f"<h3>#{p.rank}: prompt {p.index}</h3><p>{html.escape(p.prompt)}</p>"
+            f'<p class="muted">{html.escape(a.model)}\'s first response; colour: '
+            f"per-token {kind} contribution (red: {html.escape(a.model)} more likely)"
+            f"</p>" + token_html(tokens, [float(v) for v in values], infos),
+            f"### #{p.rank}: prompt {p.index}\n\n{p.prompt}\n\n> {resp.text[:500]}",
+        )
+
+
+# ---------------------------------------------------------------------------- persona runs
+
+
+def _persona_report(run: Path, page: Page) -> None:
+    from divscope import persona_plots as pp
+    from divscope.explain import pair_cosine_by_layer
+    from divscope.summary import category_means
+
+    mats = json.loads((run / "divergence_matrices.json").read_text())
+    gens = json.loads((run / "generations.json").read_text())
+    cosine = (
+        json.loads((run / "cosine.json").read_text()) if (run / "cosine.json").exists() else None
+    )
+    names = mats["personas"]
+    meta = mats.get("metadata", {})
+    n = len(names)
+    js, kl_sym, kl_asym = (np.asarray(mats[k]) for k in ("js", "kl_sym", "kl_asym"))
+    page.heading("Run")
+    params = meta.get("parameters", {})
+    page.table(
+        ["field", "value"],
+        [
+            ["model", meta.get("model")],
+            ["personas", n],
+            ["questions", params.get("n_questions")],
+            ["max new tokens", params.get("max_new_tokens")],
+            ["dtype", meta.get("dtype")],
+            ["positions scored", meta.get("tokens_scored")],
+            ["created", meta.get("created")],
+            ["divscope", meta.get("divscope_version")],
+            ["git commit", meta.get("git_commit")],
+        ],
+    )
+    for w in meta.get("warnings", []):
+        page.para(w, "note")
+    page.heading("Checks")
+    checks = mats.get("checks", {})
+    page.table(
+        ["check", "ok", "measured"],
+        [
+            [
+                k,
+                "yes" if v.get("ok") else "NO",
+                ", ".join(
+                    f"{a}={_fmt(b) if isinstance(b, float) else b}"
+                    for a, b in v.items()
+                    if a != "ok"
+                ),
+            ]
+            for k, v in checks.items()
+            if isinstance(v, dict)
+        ],
+        table_id="checks",
+    )
+    layers = [str(x) for x in cosine["layers"]] if cosine else []
+    page.heading("Persona pairs")
+    rows = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            rows.append(
+                [names[i], names[j], float(js[i, j]), float(kl_sym[i, j]), float(kl_asym[i, j])]
+                + [float(cosine["centred"][layer][i][j]) for layer in layers]
+            )
+    rows.sort(key=lambda r: -r[2])
+    page.table(
+        ["a", "b", "js", "kl_sym", "kl_asym (a's answers)"] + [f"cos centred L{x}" for x in layers],
+        rows,
+        table_id="pairs",
+    )
+    # per question category
+    qcat = {qid: (q.get("category") or "(none)") for qid, q in gens.get("questions", {}).items()}
+    per_prompt = run / "per_prompt.csv"
+    if per_prompt.exists() and qcat:
+        by_cat: dict[str, list[float]] = {}
+        by_q: dict[str, list[float]] = {}
+        with per_prompt.open() as f:
+            for row in csv.DictReader(f):
+                if row["generator"] != row["other"]:
+                    by_q.setdefault(row["question_id"], []).append(float(row["js"]))
+        for qid, vals in by_q.items():
+            by_cat.setdefault(qcat.get(qid, "(none)"), []).append(float(np.mean(vals)))
+        page.heading("By question category")
+        page.table(
+            ["category", "questions", "mean JS", "ci low", "ci high"],
+            [
+                [c["category"], c["n"], c["mean"], c["ci_low"], c["ci_high"]]
+                for c in category_means(by_cat)
+            ],
+            table_id="qcategories",
+        )
+    page.heading("Heatmaps")
+    order = pp.cluster_order(js)
+    page.figure(
+        "js",
+        pp.matrix_heatmap(js, names, order=order, label="JS [nats]", title="JS (clustered)"),
+        "JS between personas",
+    )
+    page.figure(
+        "kl_asym",
+        pp.matrix_heatmap(
+            kl_asym, names, order=order, diverging=True, label="nats", title="KL asymmetry"
+        ),
+        "KL(P_row||P_col) - KL(P_col||P_row) on the row persona's answers",
+    )
+    if cosine:
+        last = layers[-1]
+        page.figure(
+            "cosine",
+            pp.matrix_heatmap(
+                np.asarray(cosine["centred"][last]),
+                names,
+                order=order,
+                diverging=True,
+                label="cosine",
+                title=f"centred cosine, layer {last}",
+            ),
+            "centred cosine of last-prompt-position hidden states",
+        )
+        page.heading("Cosine by layer")
+        curves = pair_cosine_by_layer(cosine, names)
+        top = [f"{r[0]}|{r[1]}" for r in rows[:5]] + [f"{r[0]}|{r[1]}" for r in rows[-3:]]
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in dict.fromkeys(top):
+            ax.plot([int(x) for x in layers], curves[key], marker="o", label=key)
+        ax.set(
+            xlabel="hidden_states index",
+            ylabel="centred cosine",
+            title="cosine by layer: the 5 farthest and 3 closest pairs by JS",
+        )
+        ax.legend(fontsize=7)
+        page.figure("cosine_by_layer", fig, "per persona pair")
+    explain = run / "explain.json"
+    if explain.exists():
+        _persona_explanations(json.loads(explain.read_text()), page)
+    else:
+        page.para(
+            "no explain.json in this run (divscope personas --explain-pairs N writes it)", "muted"
+        )
+
+
+def _persona_explanations(explanations: list[dict[str, Any]], page: Page) -> None:
+    page.heading("What changed")
+    for ex in explanations:
+        a, b = ex["a"], ex["b"]
+        wc = ex["what_changed"]
+        page.raw_html(f"<h3>{html.escape(a)} → {html.escape(b)}</h3>", f"### {a} -> {b}")
+        page.para(
+            f"over {ex['positions']} positions of both personas' answers; {wc['definition']}",
+            "muted",
+        )
+        for key, label in (
+            ("boosted_in_b", f"boosted under {b}"),
+            ("suppressed_in_b", f"suppressed under {b}"),
+        ):
+            page.raw_html(f"<h4>{html.escape(label)}</h4>", f"#### {label}")
+            page.table(
+                ["token", "Δ probability", "weighted log-ratio"],
+                [[repr(t["token"]), t["delta_prob"], t["weighted_log_ratio"]] for t in wc[key]],
+            )
+        resp = max(ex["responses"], key=lambda r: r["mean_js"])
+        infos = [
+            {
+                "token": tok,
+                "value": f"JS {j:.4f}, KL(a||b) {ka:.4f}",
+                "a_name": a,
+                "a": [[t, round(p, 4)] for t, p in ta],
+                "b_name": b,
+                "b": [[t, round(p, 4)] for t, p in tb],
+                "note": "",
+            }
+            for tok, j, ka, ta, tb in zip(
+                resp["tokens"], resp["js"], resp["kl_ab"], resp["top_a"], resp["top_b"], strict=True
+            )
+        ]
+        page.raw_html(
+            f'<p class="muted">{html.escape(resp["generator"])}\'s answer to '
+            f"{html.escape(str(resp.get('question') or resp['question_id']))}; colour:"
+            " per-token JS between the two personas</p>"
+            + token_html(resp["tokens"], resp["js"], infos),
+            "Most divergent positions: "
+            + ", ".join(f"{p['token']!r} ({p['js']:.3f})" for p in resp["top_positions"]),
+        )
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def build_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    fmt: str = "html",
+    *,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write the report of a run; returns the files written.
+
+    Raises:
+        ReportError: ``run_dir`` holds neither a ranking nor a persona run.
+        FileExistsError: an output exists and ``overwrite`` is False.
+    """
+    from divscope.runmeta import atomic_write_text
+
+    run = Path(run_dir)
+    if (run / "ranking.json").exists():
+        page = Page(f"divscope — prompt ranking: {run.name}")
+        builder = _ranking_report
+    elif (run / "divergence_matrices.json").exists() and (run / "generations.json").exists():
+        page = Page(f"divscope — persona divergence: {run.name}")
+        builder = _persona_report
+    else:
+        raise ReportError(
+            f"{run}: neither ranking.json nor divergence_matrices.json + "
+            "generations.json. Fix: pass the directory of a kl_demo / divscope "
+            "rank --json run or of a persona run"
+        )
+    builder(run, page)
+    out = Path(out) if out else run / "report.html"
+    written = []
+    if fmt in ("html", "both"):
+        written.append(
+            atomic_write_text(out.with_suffix(".html"), page.render_html(), overwrite=overwrite)
+        )
+    if fmt in ("md", "both"):
+        figdir = out.with_name(out.stem + "_figures")
+        figdir.mkdir(parents=True, exist_ok=True)
+        for name, data in page.figures:
+            (figdir / f"{name}.png").write_bytes(data)
+        text = "\n".join(page.md).replace("FIGDIR", figdir.name) + "\n"
+        written.append(atomic_write_text(out.with_suffix(".md"), text, overwrite=overwrite))
+    if fmt not in ("html", "md", "both"):
+        raise ValueError("format must be html, md or both")
+    return written
