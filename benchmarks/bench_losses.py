@@ -44,13 +44,19 @@ def child(variant: str, n: int, chunk: int) -> dict:
     if variant == "plain":
         loss = kl_divergence(hidden @ weight.T, ref_h @ ref_w.T)
     else:
-        loss = fused_linear_divergence(hidden, weight, ref_h, ref_w, direction="reverse",
-                                       chunk_size=chunk)
+        loss = fused_linear_divergence(
+            hidden, weight, ref_h, ref_w, direction="reverse", chunk_size=chunk
+        )
     loss.backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": variant, "loss": loss.item(), "grad_norm": hidden.grad.norm().item(),
-            "seconds": seconds, "peak_extra_mb": peak - base}
+    return {
+        "variant": variant,
+        "loss": loss.item(),
+        "grad_norm": hidden.grad.norm().item(),
+        "seconds": seconds,
+        "peak_extra_mb": peak - base,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,9 +70,22 @@ def main(argv: list[str] | None = None) -> dict:
         return child(args.child, args.positions, args.chunk)
     runs = {}
     for variant in ("plain", "fused"):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_losses", "--child",
-                              variant, "--positions", str(args.positions), "--chunk",
-                              str(args.chunk)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_losses",
+                "--child",
+                variant,
+                "--positions",
+                str(args.positions),
+                "--chunk",
+                str(args.chunk),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         runs[variant] = json.loads(out.stdout)
     p, f = runs["plain"], runs["fused"]
     result = {
@@ -76,8 +95,13 @@ def main(argv: list[str] | None = None) -> dict:
         "time_ratio_fused_over_plain": f["seconds"] / p["seconds"],
         "loss_rel_diff": abs(p["loss"] - f["loss"]) / abs(p["loss"]),
         "grad_norm_rel_diff": abs(p["grad_norm"] - f["grad_norm"]) / p["grad_norm"],
-        "workload": {"positions": args.positions, "hidden": 576, "vocab": 49152,
-                     "chunk": args.chunk, "divergence": "KL(model || ref), forward+backward"},
+        "workload": {
+            "positions": args.positions,
+            "hidden": 576,
+            "vocab": 49152,
+            "chunk": args.chunk,
+            "divergence": "KL(model || ref), forward+backward",
+        },
         "runs": runs,
         "machine": machine_info(),
     }

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_losses, bench_ranking
+from benchmarks import bench_losses, bench_ranking, bench_teacher_force
 
 
 def main() -> None:
-    for name, bench in (("ranking", bench_ranking), ("losses", bench_losses)):
+    for name, bench in (
+        ("teacher_force", bench_teacher_force),
+        ("ranking", bench_ranking),
+        ("losses", bench_losses),
+    ):
         result = bench.main([])
         headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
         print(f"{name}: {json.dumps(headline)}")

@@ -13,13 +13,14 @@ batched with right padding and explicit position ids; at most ``persona_batch`` 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from divscope.divergence import js_and_kls
+from divscope.divergence import js_and_kls_sums
 
 
 @dataclass
@@ -93,6 +94,7 @@ def teacher_force(
     position_chunk: int = 256,
     pad_id: int = 0,
     head: tuple[torch.Tensor, torch.Tensor | None, float | None] | None = None,
+    profile: dict[str, float] | None = None,
 ) -> UnitScores:
     """Score ``response`` (token ids) under every prompt in ``prompts`` against ``generator``.
 
@@ -108,6 +110,7 @@ def teacher_force(
         position_chunk: Response positions per chunk of fp32 logits.
         pad_id: Padding id (masked out; any valid id).
         head: Precomputed :func:`output_head` (recomputed when None).
+        profile: If given, seconds spent in "forward", "logits" and "divergence" are added.
 
     Returns:
         :class:`UnitScores` with values for every persona (0 at ``generator``).
@@ -125,10 +128,13 @@ def teacher_force(
     h_gen = None
     for start in range(0, n, size):
         chunk = order[start : start + size]
-        ids, mask, pos = pad_right([prompts[i] + response for i in chunk], pad_id, device)
+        t_fwd = time.perf_counter()
+        ids, _, pos = pad_right([prompts[i] + response for i in chunk], pad_id, device)
+        # Right padding: under the causal mask every real token only sees real tokens before
+        # it, so no padding mask is needed (and the fast causal attention path is taken);
+        # padded positions are never read.
         out = body(
             input_ids=ids,
-            attention_mask=mask,
             position_ids=pos,
             use_cache=False,
             output_hidden_states=bool(layers),
@@ -140,11 +146,24 @@ def teacher_force(
         if h_gen is None:
             h_gen = h_resp[0]  # the generator comes first in `order`
         sums = torch.zeros((3, len(chunk)), dtype=torch.float64, device=device)
+        t_logits = time.perf_counter()
+        t_div = 0.0
         for t0 in range(0, t, position_chunk):
-            lp_g = fp32_logprobs(h_gen[t0 : t0 + position_chunk], head)  # (t, V)
             lp_o = fp32_logprobs(h_resp[:, t0 : t0 + position_chunk], head)  # (B, t, V)
-            js_, kf, kr = js_and_kls(lp_g.unsqueeze(0), lp_o)  # (B, t) each
-            sums += torch.stack([js_.sum(1), kf.sum(1), kr.sum(1)]).double()
+            # the generator is row 0 of the first chunk; later chunks recompute its row
+            lp_g = (
+                lp_o[:1]
+                if start == 0
+                else fp32_logprobs(h_gen[None, t0 : t0 + position_chunk], head)
+            )
+            t_d = time.perf_counter()
+            sums += js_and_kls_sums(lp_g, lp_o)  # (3, B), float64
+            t_div += time.perf_counter() - t_d
+        if profile is not None:
+            done = time.perf_counter()
+            profile["forward"] = profile.get("forward", 0.0) + t_logits - t_fwd
+            profile["logits"] = profile.get("logits", 0.0) + done - t_logits - t_div
+            profile["divergence"] = profile.get("divergence", 0.0) + t_div
         means = (sums / t).cpu().numpy()
         for j, i in enumerate(chunk):
             out_js[i], out_kf[i], out_kr[i] = means[:, j]

@@ -36,6 +36,15 @@ def log1mexp(a: np.ndarray) -> np.ndarray:
         return np.where(a > -LN2, np.log(-np.expm1(a)), np.log1p(-np.exp(a)))
 
 
+def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    """``log(sum(exp(x)))`` along ``axis``, max-shifted; -inf where every entry is -inf."""
+    m = np.max(x, axis=axis, keepdims=True)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.exp(x - m_safe).sum(axis=axis)) + np.squeeze(m_safe, axis=axis)
+    return out
+
+
 def plogratio(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
     """Elementwise ``p * (log p - log q)`` from logs, with ``0 * anything = 0``."""
     with np.errstate(invalid="ignore", over="ignore"):
@@ -98,8 +107,8 @@ def coarse_bounds(p: TokenScores, q: TokenScores) -> tuple[np.ndarray, np.ndarra
     lq = np.where(eq, q_lps[:, None, :], -np.inf).max(-1)
     lq = np.where(in_both, lq, -np.inf)
     with np.errstate(divide="ignore"):
-        lp_tail = log1mexp(np.logaddexp.reduce(lp, axis=1))
-        lq_tail = np.maximum(log1mexp(np.logaddexp.reduce(lq, axis=1)), np.log(TAIL_FLOOR))
+        lp_tail = log1mexp(logsumexp(lp, axis=1))
+        lq_tail = np.maximum(log1mexp(logsumexp(lq, axis=1)), np.log(TAIL_FLOOR))
     lp_all = np.concatenate([lp, lp_tail[:, None]], axis=1)
     lq_all = np.concatenate([lq, lq_tail[:, None]], axis=1)
     kl = plogratio(lp_all, lq_all).sum(1)

@@ -1,0 +1,182 @@
+"""Teacher forcing: divscope's scorer against a naive baseline, on the real SmolLM2-135M.
+
+Workload: one synthetic prompt per persona (lengths 40..40+N-1 tokens, so rows need padding)
+and synthetic response ids (teacher forcing cost does not depend on the content), scored
+under every persona against persona 0. Two paths, same numbers:
+
+* naive (written here): one forward pass per (response, persona), logits for every position,
+  log-softmax of everything, then JS and both KLs on the response positions;
+* divscope: :func:`divscope.teacher_force.teacher_force` (personas batched with right padding,
+  output projection only at response positions in fp32, fused divergence).
+
+Reported per configuration (personas 4/8/16 x response length 32/128/512): seconds, tokens/s,
+achieved FLOP/s (2 x non-embedding parameters x tokens + 2 x hidden x vocab per scored
+position) as a fraction of a matmul peak measured in the same run at the same dtype, the
+divergence's share of the scorer's time, peak extra memory (RSS), and the max abs difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine_info, write_result
+from divscope.divergence import js_and_kls
+from divscope.models import load_model
+from divscope.teacher_force import output_head, teacher_force
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
+    """Best GFLOP/s of an n x n x n matmul (the machine's practical peak at this dtype)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+class PeakRSS:
+    """Samples the process's RSS in a thread; ``extra_mb`` is the peak above the start."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self._rss()
+        self._stop = False
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    @staticmethod
+    def _rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._t.join()
+        self.extra_mb = self.peak - self.start
+
+
+@torch.no_grad()
+def naive(model: torch.nn.Module, prompts: list[list[int]], response: list[int], g: int):
+    """One forward per persona, all logits, log-softmax of everything, then the divergences."""
+    rows = []
+    for p in prompts:
+        logits = model(torch.tensor([p + response])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        rows.append(lp[len(p) - 1 : len(p) - 1 + len(response)])
+    out = []
+    for lp in rows:
+        js, kf, kr = js_and_kls(rows[g], lp)
+        out.append((js.mean().item(), kf.mean().item(), kr.mean().item()))
+    return out
+
+
+def flops(model: torch.nn.Module, tokens: int, scored: int) -> float:
+    emb = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight
+    tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    non_emb = sum(p.numel() for p in model.parameters()) - emb - (0 if tied else head.numel())
+    return 2 * non_emb * tokens + 2 * head.shape[0] * head.shape[1] * scored
+
+
+def run(personas: list[int], lengths: list[int], dtype: str, reps: int) -> dict:
+    torch.set_num_threads(torch.get_num_threads())
+    model, _ = load_model("smollm2-135m-instruct", dtype=dtype)
+    head = output_head(model)
+    dt = getattr(torch, dtype)
+    peak = matmul_peak(dt)
+    gen = torch.Generator().manual_seed(0)
+    configs = []
+    for n in personas:
+        prompts = [torch.randint(0, 49152, (40 + i,), generator=gen).tolist() for i in range(n)]
+        for t in lengths:
+            response = torch.randint(0, 49152, (t,), generator=gen).tolist()
+            tokens = sum(len(p) + t for p in prompts)
+            teacher_force(model, prompts, response, 0, head=head)  # warm-up
+            prof: dict[str, float] = {}
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    u = teacher_force(model, prompts, response, 0, head=head, profile=prof)
+                fast = (time.perf_counter() - t0) / reps
+            with PeakRSS() as mem_naive:
+                t0 = time.perf_counter()
+                ref = naive(model, prompts, response, 0)
+                slow = time.perf_counter() - t0
+            diff = max(
+                max(abs(u.js[i] - r[0]), abs(u.kl_fwd[i] - r[1]), abs(u.kl_rev[i] - r[2]))
+                for i, r in enumerate(ref)
+            )
+            f = flops(model, tokens, n * t)
+            configs.append(
+                {
+                    "personas": n,
+                    "response_tokens": t,
+                    "tokens": tokens,
+                    "scorer_s": fast,
+                    "naive_s": slow,
+                    "speedup_vs_naive": slow / fast,
+                    "scorer_tokens_per_s": tokens / fast,
+                    "naive_tokens_per_s": tokens / slow,
+                    "scorer_gflops": f / fast / 1e9,
+                    "fraction_of_matmul_peak": f / fast / 1e9 / peak,
+                    "divergence_time_fraction": prof.get("divergence", 0.0) / reps / fast,
+                    "scorer_peak_extra_mb": mem.extra_mb,
+                    "naive_peak_extra_mb": mem_naive.extra_mb,
+                    "max_abs_diff": diff,
+                }
+            )
+            print(json.dumps(configs[-1]))
+    mid = (
+        next(c for c in configs if c["personas"] == 8 and c["response_tokens"] == 128)
+        if 8 in personas and 128 in lengths
+        else configs[len(configs) // 2]
+    )
+    return {
+        "speedup_vs_naive": mid["speedup_vs_naive"],
+        "fraction_of_matmul_peak": mid["fraction_of_matmul_peak"],
+        "divergence_time_fraction": mid["divergence_time_fraction"],
+        "max_abs_diff": max(c["max_abs_diff"] for c in configs),
+        "headline_config": {"personas": mid["personas"], "response_tokens": mid["response_tokens"]},
+        "matmul_peak_gflops": peak,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "configs": configs,
+        "machine": machine_info(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--personas", default="4,8,16")
+    ap.add_argument("--lengths", default="32,128,512")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    result = run(
+        [int(x) for x in args.personas.split(",")],
+        [int(x) for x in args.lengths.split(",")],
+        args.dtype,
+        args.reps,
+    )
+    write_result(Path(args.out or f"benchmarks/results/teacher_force_{args.dtype}.json"), result)
+    return result
+
+
+if __name__ == "__main__":
+    r = main()
+    print(json.dumps({k: v for k, v in r.items() if not isinstance(v, list | dict)}, indent=2))
