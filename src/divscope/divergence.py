@@ -24,24 +24,18 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _plogratio(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """``P * (log P - log Q)`` elementwise, 0 where P = 0 (no NaN from -inf - -inf)."""
-    p = lp.exp()
-    diff = torch.where(p > 0, lp - lq, torch.zeros_like(lp))
-    return p * diff
-
-
 def kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """KL(P||Q) in nats over the last axis. Shapes ``(..., V) -> (...)``."""
-    lp, lq = _wide(lp), _wide(lq)
-    return _plogratio(lp, lq).sum(-1)
+    from divscope.losses import kl_from_logprobs
+
+    return kl_from_logprobs(_wide(lp), _wide(lq))
 
 
 def js(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon divergence in nats over the last axis. ``(..., V) -> (...)``."""
-    lp, lq = _wide(lp), _wide(lq)
-    lm = torch.logaddexp(lp, lq) - LN2
-    return 0.5 * _plogratio(lp, lm).sum(-1) + 0.5 * _plogratio(lq, lm).sum(-1)
+    from divscope.losses import js_from_logprobs
+
+    return js_from_logprobs(_wide(lp), _wide(lq))
 
 
 def js_and_kls(

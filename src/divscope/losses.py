@@ -68,6 +68,15 @@ def _check_pair(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None) -> 
         )
 
 
+def _pair_logprobs(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor | None, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked, widened log-softmax of both inputs."""
+    _check_pair(p_logits, q_logits, mask)
+    dt = _compute_dtype(p_logits, q_logits)
+    return _logprobs(p_logits, temperature, dt), _logprobs(q_logits, temperature, dt)
+
+
 def reduce(
     per_position: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction
 ) -> torch.Tensor:
@@ -167,9 +176,7 @@ def kl_divergence(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """KL(P || Q) in nats over the last axis of ``(..., vocab)`` logits (see module docs)."""
-    _check_pair(p_logits, q_logits, mask)
-    dt = _compute_dtype(p_logits, q_logits)
-    lp, lq = _logprobs(p_logits, temperature, dt), _logprobs(q_logits, temperature, dt)
+    lp, lq = _pair_logprobs(p_logits, q_logits, mask, temperature)
     return reduce(kl_from_logprobs(lp, lq), mask, reduction)
 
 
@@ -182,9 +189,7 @@ def js_divergence(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Jensen-Shannon divergence in nats, in ``[0, ln 2]`` per position (see module docs)."""
-    _check_pair(p_logits, q_logits, mask)
-    dt = _compute_dtype(p_logits, q_logits)
-    lp, lq = _logprobs(p_logits, temperature, dt), _logprobs(q_logits, temperature, dt)
+    lp, lq = _pair_logprobs(p_logits, q_logits, mask, temperature)
     return reduce(js_from_logprobs(lp, lq), mask, reduction)
 
 
@@ -199,9 +204,7 @@ def generalized_jsd(
     scaled: bool = True,
 ) -> torch.Tensor:
     """Beta-skewed JSD, scaled to be continuous with KL(P||Q) at 0 and KL(Q||P) at 1."""
-    _check_pair(p_logits, q_logits, mask)
-    dt = _compute_dtype(p_logits, q_logits)
-    lp, lq = _logprobs(p_logits, temperature, dt), _logprobs(q_logits, temperature, dt)
+    lp, lq = _pair_logprobs(p_logits, q_logits, mask, temperature)
     return reduce(gjsd_from_logprobs(lp, lq, beta, scaled), mask, reduction)
 
 
@@ -498,10 +501,7 @@ class KLRegularizer:
                 f"reference logits {tuple(ref.shape)} and model logits "
                 f"{tuple(logits.shape)} must have the same shape (..., vocab)"
             )
-        _check_pair(ref, logits, mask)
-        dt = _compute_dtype(ref, logits)
-        lr = _logprobs(ref, self.temperature, dt)
-        lm = _logprobs(logits, self.temperature, dt)
+        lr, lm = _pair_logprobs(ref, logits, mask, self.temperature)
         per = _divergence(lr, lm, self.kind, self.direction, self.beta)
         loss = self.weight * reduce(per, mask, "mean")
         sel = per.detach()[mask.to(torch.bool)] if mask is not None else per.detach().flatten()
