@@ -107,11 +107,18 @@ def test_demo_runs_as_a_notebook(tmp_path):
     _check_outputs(work)
 
 
-def test_demo_layout_follows_the_style_guide():
-    src = (ROOT / "kl_demo.py").read_text()
+def _parameter_lines(script: str) -> list[str]:
+    """The non-blank lines of a demo's parameter cell (the demo must open with markdown)."""
+    src = (ROOT / script).read_text()
     assert src.startswith("# %% [markdown]")
+    assert "sys.path" not in src
+    assert not any(ln.lstrip().startswith(("!", "%")) for ln in src.splitlines())
     params = src.split("# %% Parameters\n", 1)[1].split("# %%", 1)[0]
-    lines = [ln for ln in params.splitlines() if ln.strip()]
+    return [ln for ln in params.splitlines() if ln.strip()]
+
+
+def test_demo_layout_follows_the_style_guide():
+    lines = _parameter_lines("kl_demo.py")
     names = {
         "MODEL1_FILE",
         "MODEL2_FILE",
@@ -125,8 +132,6 @@ def test_demo_layout_follows_the_style_guide():
     for ln in lines:
         name = ln.split("=")[0].strip()
         assert name.isupper() and "  # " in ln, ln
-    assert "sys.path" not in src
-    assert not any(ln.lstrip().startswith(("!", "%")) for ln in src.splitlines())
 
 
 def test_persona_demo_runs_end_to_end(tmp_path):
@@ -152,10 +157,7 @@ def test_persona_demo_runs_end_to_end(tmp_path):
 
 
 def test_persona_demo_layout_follows_the_style_guide():
-    src = (ROOT / "persona_js_demo.py").read_text()
-    assert src.startswith("# %% [markdown]")
-    params = src.split("# %% Parameters\n", 1)[1].split("# %%", 1)[0]
-    lines = [ln for ln in params.splitlines() if ln.strip()]
+    lines = _parameter_lines("persona_js_demo.py")
     names = {
         "MODEL",
         "BACKEND",

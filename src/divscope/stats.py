@@ -86,6 +86,14 @@ def _square(m: Any, n: int, path: Path, key: str) -> np.ndarray:
     return a
 
 
+def _add_per_prompt_rows(m: PersonaMatrices, rows: Any) -> None:
+    """Per-question JS values from per-prompt rows (generator, other, question_id, js)."""
+    for row in rows:
+        if row["generator"] != row["other"]:
+            entry = m.per_question.setdefault(row["question_id"], {"question": None, "values": []})
+            entry["values"].append(float(row["js"]))
+
+
 def load_matrices(path: str | Path) -> PersonaMatrices:
     """Read persona matrices (divscope's or the reference's format)."""
     path = Path(path)
@@ -102,12 +110,7 @@ def load_matrices(path: str | Path) -> PersonaMatrices:
         csv_path = path.parent / "per_prompt.csv"
         if csv_path.exists():
             with csv_path.open() as f:
-                for row in csv.DictReader(f):
-                    if row["generator"] != row["other"]:
-                        entry = m.per_question.setdefault(
-                            row["question_id"], {"question": None, "values": []}
-                        )
-                        entry["values"].append(float(row["js"]))
+                _add_per_prompt_rows(m, csv.DictReader(f))
         return m
     if "persona_names" in d and "js_matrix" in d:  # the published reference
         names = list(d["persona_names"])
@@ -599,10 +602,7 @@ def matrices_from_result(result: Any) -> PersonaMatrices:
         np.asarray(result.matrices["kl_fwd"]),
         source="divscope",
     )
-    for row in result.per_prompt:
-        if row["generator"] != row["other"]:
-            entry = m.per_question.setdefault(row["question_id"], {"question": None, "values": []})
-            entry["values"].append(float(row["js"]))
+    _add_per_prompt_rows(m, result.per_prompt)
     return m
 
 
