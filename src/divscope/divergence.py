@@ -41,30 +41,20 @@ def js(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
 def js_and_kls(
     lp: torch.Tensor, lq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(JS(P,Q), KL(P||Q), KL(Q||P))`` sharing one ``exp`` of each input.
+    """``(JS(P,Q), KL(P||Q), KL(Q||P))`` per position, sharing one ``exp`` of each input.
 
-    Shapes ``(..., V) -> (...)`` each, nats. Uses ``KL(P||M) = sum P (lp - lm)`` and
-    ``KL(P||Q) = sum P (lp - lq)`` with the same ``P = exp(lp)``.
+    Shapes ``(..., V) -> (...)`` each (inputs broadcast), nats; the math of
+    :func:`_js_and_kls_rows`.
     """
-    lp, lq = _wide(lp), _wide(lq)
-    p, q = lp.exp(), lq.exp()
-    lm = torch.logaddexp(lp, lq) - LN2
-    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    d_pq = torch.where(p > 0, lp - lq, zero)
-    d_qp = torch.where(q > 0, lq - lp, zero)
-    kl_pq = (p * d_pq).sum(-1)
-    kl_qp = (q * d_qp).sum(-1)
-    js_ = 0.5 * (p * torch.where(p > 0, lp - lm, zero)).sum(-1) + 0.5 * (
-        q * torch.where(q > 0, lq - lm, zero)
-    ).sum(-1)
+    js_, kl_pq, kl_qp = _js_and_kls_rows(_wide(lp), _wide(lq)).unbind(0)
     return js_, kl_pq, kl_qp
 
 
 def _js_and_kls_rows(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """JS, KL(P||Q), KL(Q||P) per position: ``(B, T, V) -> (3, B, T)``.
+    """JS, KL(P||Q), KL(Q||P) per position: ``(..., V) -> (3, ...)``.
 
-    ``lp`` broadcasts against ``lq``. The same math as :func:`js_and_kls`, written so that a
-    compiler can fuse it into one pass over the vocabulary.
+    ``lp`` broadcasts against ``lq``. Written so that a compiler can fuse it into one pass
+    over the vocabulary.
     """
     p, q = lp.exp(), lq.exp()
     # log M = log((P + Q) / 2): one log instead of logaddexp's exp + log1p; where both

@@ -23,21 +23,11 @@ import numpy as np
 import torch
 
 from divscope.divergence import js_and_kls
-from divscope.teacher_force import decoder, fp32_logprobs, output_head
+from divscope.teacher_force import output_head, response_logprobs
 
 
 def _tok(tokenizer: Any, i: int) -> str:
     return tokenizer.decode([int(i)])
-
-
-@torch.no_grad()
-def _position_logprobs(
-    model: Any, prompt: list[int], response: list[int], head: Any
-) -> torch.Tensor:
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt + response], device=device)
-    h = decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
-    return fp32_logprobs(h[len(prompt) - 1 : len(prompt) - 1 + len(response)], head)
 
 
 @torch.no_grad()
@@ -82,8 +72,8 @@ def persona_pair_explanation(
         resp = rec["response_token_ids"]
         if not resp:
             continue
-        la = _position_logprobs(model, prompts[(a, q)], resp, head)  # (T, V)
-        lb = _position_logprobs(model, prompts[(b, q)], resp, head)
+        la = response_logprobs(model, prompts[(a, q)], resp, head)  # (T, V)
+        lb = response_logprobs(model, prompts[(b, q)], resp, head)
         js, kl_ab, kl_ba = js_and_kls(la, lb)
         pa, pb = la.exp().double(), lb.exp().double()
         d_prob += (pb - pa).sum(0)

@@ -73,9 +73,7 @@ def _model_key(name: str, path: str, dtype: str) -> str:
     return _hash(ident)
 
 
-def aggregate(
-    units: dict[tuple[int, int], UnitScores], n: int, n_q: int
-) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+def aggregate(units: dict[tuple[int, int], UnitScores], n: int, n_q: int) -> dict[str, np.ndarray]:
     """Means over questions -> the N x N matrices (see :func:`run_personas`)."""
     js_g = np.zeros((n, n))
     kl_fwd = np.zeros((n, n))
@@ -92,7 +90,7 @@ def aggregate(
         "kl_sym": 0.5 * (kl_fwd + kl_fwd.T),
         "kl_asym": kl_fwd - kl_fwd.T,
     }
-    return matrices, []
+    return matrices
 
 
 def check_matrices(m: dict[str, np.ndarray], noise_floor: float | None) -> dict[str, Any]:
@@ -332,7 +330,7 @@ def run_personas(
     timings["teacher_force"] = time.perf_counter() - t2
 
     # 4. aggregate, cosine, checks
-    matrices, _ = aggregate(units, n, n_q)
+    matrices = aggregate(units, n, n_q)
     # The twin has persona 0's prompt under another name, scored in another batch row: against
     # every generator it must give what persona 0 gives (JS and both KLs), to fp32 precision.
     twin_js = (

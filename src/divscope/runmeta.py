@@ -8,7 +8,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -113,25 +112,3 @@ def new_run_dir(base: Path, prefix: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a fresh run directory under {base}")
-
-
-class Timer:
-    """Wall-clock timings by name: ``with timer("load"): ...``; ``timer.seconds`` holds them."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str) -> _Section:
-        return _Section(self, name)
-
-
-class _Section:
-    def __init__(self, timer: Timer, name: str) -> None:
-        self.timer, self.name = timer, name
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        dt = time.perf_counter() - self.t0
-        self.timer.seconds[self.name] = self.timer.seconds.get(self.name, 0.0) + dt
