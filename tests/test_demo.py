@@ -29,6 +29,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _run_script(cwd: Path, script: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run a percent script as a plain Python program in ``cwd``; it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, script],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def _check_outputs(work: Path) -> None:
     runs = list((work / "eval_results").iterdir())
     assert len(runs) == 1
@@ -52,16 +66,8 @@ def _check_outputs(work: Path) -> None:
 def test_demo_script_runs_end_to_end(tmp_path):
     work = _workdir(tmp_path)
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "kl_demo.py"],
-        cwd=work,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _run_script(work, "kl_demo.py", 300)
     elapsed = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ranked by mc_kl [nats/byte]" in proc.stdout
     assert "Traceback" not in proc.stderr
     assert elapsed < 120
@@ -138,15 +144,7 @@ def test_persona_demo_runs_end_to_end(tmp_path):
     for name in ("persona_js_demo.py",):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "data", tmp_path / "data")
-    proc = subprocess.run(
-        [sys.executable, "persona_js_demo.py"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(tmp_path, "persona_js_demo.py", 600)
     assert "all checks ok: True" in proc.stdout
     run = next((tmp_path / "eval_results").iterdir())
     mats = json.loads((run / "divergence_matrices.json").read_text())
@@ -192,15 +190,7 @@ def test_finetune_example_reduced(tmp_path):
         assert n == 1, name
     (tmp_path / "example.py").write_text(src)
     shutil.copytree(ROOT / "data", tmp_path / "data")
-    proc = subprocess.run(
-        [sys.executable, "example.py"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_script(tmp_path, "example.py", 600)
     log = json.loads(
         next((tmp_path / "eval_results").glob("kl_finetune_*/finetune_log.json")).read_text()
     )

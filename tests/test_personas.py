@@ -219,20 +219,19 @@ def test_cli_personas(tmp_path, capsys):
     from divscope.cli import main
 
     out = tmp_path / "run"
-    rc = main(
-        [
-            "personas",
-            "--n-personas",
-            "2",
-            "--n-questions",
-            "1",
-            "--max-new-tokens",
-            "4",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+    args = [
+        "personas",
+        "--n-personas",
+        "2",
+        "--n-questions",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    rc = main(args)
     assert rc == 0, capsys.readouterr().err
     assert "farthest" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {
@@ -242,23 +241,7 @@ def test_cli_personas(tmp_path, capsys):
         "cosine.json",
         "metadata.json",
     }
-    assert (
-        main(
-            [
-                "personas",
-                "--n-personas",
-                "2",
-                "--n-questions",
-                "1",
-                "--max-new-tokens",
-                "4",
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 2
-    )  # never overwrites silently
+    assert main(args) == 2  # never overwrites silently
 
 
 def test_vllm_backend_on_gpu(tmp_path):
