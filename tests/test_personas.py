@@ -95,6 +95,29 @@ def test_matrices_match_brute_force(smol, small_run):
     assert result.checks["all_ok"] and result.checks["noise_floor_twin"]["max_js"] < 1e-6
 
 
+@pytest.mark.parametrize("generator", [0, 3])
+def test_persona_batches_and_position_chunks_agree_with_brute_force(smol, generator):
+    """Several persona batches (the generator's row recomputed in later ones) and position
+    chunks that do not divide the response give the brute-force values."""
+    from divscope.teacher_force import teacher_force
+
+    model, tok = smol
+    renderer = PromptRenderer(tok)
+    personas = load_personas(PERSONAS, 5)
+    question = load_questions(QUESTIONS, 1)[0]
+    prompts = [renderer.prompt_ids(p, question) for p in personas]
+    response = tok("Sure, here is a short answer.", add_special_tokens=False)["input_ids"]
+    ref = _brute(model, prompts, response, generator)
+    for batch, chunk in ((2, 3), (None, None), (5, 1)):
+        u = teacher_force(
+            model, prompts, response, generator, persona_batch=batch, position_chunk=chunk
+        )
+        got = np.stack([u.js, u.kl_fwd, u.kl_rev], 1)
+        np.testing.assert_allclose(got, ref, atol=2e-5, err_msg=f"batch={batch} chunk={chunk}")
+        assert got[generator].tolist() == [0.0, 0.0, 0.0]
+        assert (np.delete(got[:, 0], generator) > 1e-5).all()
+
+
 def test_cosine_matches_brute_force(smol, small_run):
     model, _ = smol
     result, _ = small_run

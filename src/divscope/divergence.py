@@ -69,28 +69,46 @@ def _js_and_kls_rows(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return torch.stack([js_.sum(-1), kl_pq.sum(-1), kl_qp.sum(-1)])
 
 
-_compiled = None
+_compiled: dict[str, object] = {}
+
+
+def _fused(fn, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)`` through ``torch.compile`` when it works (``DIVSCOPE_COMPILE=0`` or any
+    compiler failure: eager, same values)."""
+    import os
+
+    name = fn.__name__
+    if os.environ.get("DIVSCOPE_COMPILE", "1") != "0" and _compiled.get(name) is not False:
+        try:
+            if name not in _compiled:
+                _compiled[name] = torch.compile(fn, dynamic=True)
+            return _compiled[name](*args)
+        except Exception:  # noqa: BLE001 - no working compiler: eager gives the same values
+            _compiled[name] = False
+    return fn(*args)
 
 
 def js_and_kls_sums(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """Sums over positions of JS, KL(P||Q), KL(Q||P): ``(B, T, V) -> (3, B)`` in float64.
 
-    The per-position sums over the vocabulary (:func:`_js_and_kls_rows`) are fused with
-    ``torch.compile`` when it is available (``DIVSCOPE_COMPILE=0`` keeps them eager; any
-    compiler failure falls back to eager); positions are summed in float64.
+    The per-position sums over the vocabulary (:func:`_js_and_kls_rows`) are fused into one
+    pass (``torch.compile``, eager fallback); positions are summed in float64.
     """
-    import os
+    return _fused(_js_and_kls_rows, _wide(lp), _wide(lq)).double().sum(-1)
 
-    global _compiled
-    lp, lq = _wide(lp), _wide(lq)
-    rows = None
-    if os.environ.get("DIVSCOPE_COMPILE", "1") != "0" and _compiled is not False:
-        try:
-            if _compiled is None:
-                _compiled = torch.compile(_js_and_kls_rows, dynamic=True)
-            rows = _compiled(lp, lq)
-        except Exception:  # noqa: BLE001 - no working compiler: eager gives the same values
-            _compiled = False
-    if rows is None:
-        rows = _js_and_kls_rows(lp, lq)
-    return rows.double().sum(-1)
+
+def _js_and_kls_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """:func:`_js_and_kls_rows` of ``log_softmax(xp)`` and ``log_softmax(xq)``."""
+    lp = xp - torch.logsumexp(xp, -1, keepdim=True)
+    lq = xq - torch.logsumexp(xq, -1, keepdim=True)
+    return _js_and_kls_rows(lp, lq)
+
+
+def js_and_kls_sums_from_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """Like :func:`js_and_kls_sums` but from logits: ``P = softmax(xp)``, ``Q = softmax(xq)``.
+
+    Shapes ``(1 or B, T, V)`` and ``(B, T, V)`` -> ``(3, B)`` float64 sums over positions,
+    nats. The log-softmax normalisers are computed in the same fused pass, so no normalised
+    ``(B, T, V)`` tensor is ever written.
+    """
+    return _fused(_js_and_kls_logits, _wide(xp), _wide(xq)).double().sum(-1)

@@ -21,7 +21,7 @@ import numpy as np
 from divscope.models import cache_dir, load_model, resolve_model
 from divscope.personas import Persona, PromptRenderer, Question
 from divscope.runmeta import atomic_write_json, atomic_write_text, run_metadata
-from divscope.teacher_force import UnitScores, output_head, teacher_force
+from divscope.teacher_force import PERSONA_BATCH, UnitScores, output_head, teacher_force
 
 LN2 = math.log(2.0)
 TWIN_SUFFIX = "__twin"
@@ -164,7 +164,7 @@ def run_personas(
     device: str = "cpu",
     dtype: str = "float32",
     gen_batch_size: int = 16,
-    persona_batch: int | None = None,
+    persona_batch: int | None = PERSONA_BATCH,
     noise_floor: bool = True,
     progress: bool = True,
     loaded: tuple[Any, Any] | None = None,
