@@ -74,7 +74,12 @@ def _cmd_rank(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     samples = load_samples(args.input)
-    out = write_samples_jsonl(samples, args.output, overwrite=args.overwrite)
+    if Path(args.output).suffix.lower() == ".npz":
+        from divscope.packed import write_samples_packed
+
+        out = write_samples_packed(samples, args.output, overwrite=args.overwrite)
+    else:
+        out = write_samples_jsonl(samples, args.output, overwrite=args.overwrite)
     n = sum(len(r.responses) for r in samples.records)
     print(f"wrote {out}: {len(samples.records)} prompts, {n} responses ({samples.model})")
     return 0
@@ -345,9 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--overwrite", action="store_true", help="replace an existing report")
     rp.set_defaults(func=_cmd_report)
 
-    c = sub.add_parser("convert", help="convert a sample file to divscope JSONL")
+    c = sub.add_parser(
+        "convert",
+        help="convert a sample file to divscope JSONL, or to the packed .npz that loads fast",
+    )
     c.add_argument("input")
-    c.add_argument("output")
+    c.add_argument("output", help="OUTPUT.jsonl (JSONL) or OUTPUT.npz (packed arrays)")
     c.add_argument("--overwrite", action="store_true", help="allow replacing OUTPUT")
     c.set_defaults(func=_cmd_convert)
     return p

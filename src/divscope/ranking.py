@@ -22,7 +22,7 @@ import numpy as np
 
 from divscope.errors import SampleFileError
 from divscope.samples import PromptSamples, Response, SampleSet, check_same_prompts
-from divscope.topk import Padded, coarse_bounds, legacy_matrix, mc_kl_terms
+from divscope.topk import Padded, coarse_bounds_arrays, legacy_matrix, mc_kl_terms
 
 BASE_METRICS = ("mc_kl", "topk_kl_lb", "topk_js_lb", "legacy_aligned")
 ALL_METRICS = tuple(f"{m}{s}" for m in BASE_METRICS for s in ("", "_ab", "_ba"))
@@ -121,9 +121,63 @@ class _Direction:
     missing_cross: int
 
 
-def _direction_terms(responses: list[Response], other: str, per_byte: bool) -> _Direction | None:
+def coarse_sums(responses: list[Response], other: str) -> dict[int, tuple[float, float, int]]:
+    """Top-k KL and JS bound sums over each response's positions, for all responses at once.
+
+    Returns:
+        ``id(response) -> (kl_sum, js_sum, positions)`` for responses with an aligned top-k
+        cross-score under ``other`` (positions missing a logprob drop out).
+    """
+    todo = [
+        r
+        for r in responses
+        if other in r.cross
+        and r.cross[other].aligned
+        and r.cross[other].scores.top_ids.shape[1]
+        and r.scores.top_ids.shape[1]
+    ]
+    if not todo:
+        return {}
+    sides = []
+    for get in (lambda r: r.scores, lambda r: r.cross[other].scores):
+        scores = [get(r) for r in todo]
+        k = max(s.top_ids.shape[1] for s in scores)
+        ids = np.concatenate([_pad_k(s.top_ids, k, -1) for s in scores])
+        lps = np.concatenate([_pad_k(s.top_logprobs, k, -np.inf) for s in scores])
+        sides += [
+            np.concatenate([np.concatenate([s.ids for s in scores])[:, None], ids], 1),
+            np.concatenate([np.concatenate([s.logprobs for s in scores])[:, None], lps], 1),
+        ]
+    kl, js = coarse_bounds_arrays(*sides)
+    ok = ~np.isnan(kl)
+    starts = np.cumsum([0] + [len(r.scores) for r in todo[:-1]])
+    kl_sum = np.add.reduceat(np.where(ok, kl, 0.0), starts)
+    js_sum = np.add.reduceat(np.where(ok, js, 0.0), starts)
+    cnt = np.add.reduceat(ok.astype(np.int64), starts)
+    return {
+        id(r): (float(a), float(b), int(c))
+        for r, a, b, c in zip(todo, kl_sum, js_sum, cnt, strict=True)
+    }
+
+
+def _pad_k(x: np.ndarray, k: int, fill: float) -> np.ndarray:
+    if x.shape[1] == k:
+        return x
+    out = np.full((len(x), k), fill, dtype=x.dtype)
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def _direction_terms(
+    responses: list[Response],
+    other: str,
+    per_byte: bool,
+    coarse: dict[int, tuple[float, float, int]] | None = None,
+) -> _Direction | None:
     if not responses or not all(other in r.cross for r in responses):
         return None
+    if coarse is None:
+        coarse = coarse_sums(responses, other)
     mc_sum, mc_cnt, kl_sum, js_sum, pos_cnt = [], [], [], [], []
     missing = 0
     for r in responses:
@@ -132,16 +186,10 @@ def _direction_terms(responses: list[Response], other: str, per_byte: bool) -> _
         missing += c.scores.n_missing
         mc_sum.append(s if n else 0.0)  # a response Q could not fully score drops out
         mc_cnt.append(n)
-        if c.aligned and c.scores.top_ids.shape[1] and r.scores.top_ids.shape[1]:
-            kl, js = coarse_bounds(r.scores, c.scores)
-            ok = ~np.isnan(kl)
-            kl_sum.append(kl[ok].sum())  # positions missing a logprob drop out
-            js_sum.append(js[ok].sum())
-            pos_cnt.append(int(ok.sum()))
-        else:
-            kl_sum.append(0.0)
-            js_sum.append(0.0)
-            pos_cnt.append(0)
+        kl, js, cnt = coarse.get(id(r), (0.0, 0.0, 0))
+        kl_sum.append(kl)
+        js_sum.append(js)
+        pos_cnt.append(cnt)
     return _Direction(
         *(np.asarray(v, dtype=np.float64) for v in (mc_sum, mc_cnt, kl_sum, js_sum, pos_cnt)),
         missing_cross=missing,
@@ -180,8 +228,13 @@ def score_prompt(
     n_bootstrap: int,
     ci_level: float,
     rng: np.random.Generator,
+    coarse: dict[int, tuple[float, float, int]] | None = None,
 ) -> PromptScore:
-    """Every available metric for one prompt, with bootstrap CIs over responses."""
+    """Every available metric for one prompt, with bootstrap CIs over responses.
+
+    ``coarse`` holds precomputed :func:`coarse_sums` for both directions (computed here when
+    None).
+    """
     ua, ub = ra.usable, rb.usable
     scores: dict[str, float | None] = {}
     boots: dict[str, np.ndarray] = {}
@@ -214,8 +267,8 @@ def score_prompt(
 
     # Honest metrics from cross-scores.
     dirs = {
-        "_ab": (_direction_terms(ua, model_b, per_byte), ia),
-        "_ba": (_direction_terms(ub, model_a, per_byte), ib),
+        "_ab": (_direction_terms(ua, model_b, per_byte, coarse), ia),
+        "_ba": (_direction_terms(ub, model_a, per_byte, coarse), ib),
     }
     missing = 0
     for suffix, (d, idx) in dirs.items():
@@ -263,12 +316,17 @@ def score_prompt(
             boots[name] = 0.5 * (boots[name + "_ab"] + boots[name + "_ba"])
 
     alpha = (1 - ci_level) / 2
-    for name, b in boots.items():
-        b = b[np.isfinite(b)]
-        if min(na, nb) < 2 or b.size < 0.9 * n_bootstrap:
-            ps.ci[name] = None  # one response per side: no spread to resample
-        else:
-            ps.ci[name] = [float(np.quantile(b, alpha)), float(np.quantile(b, 1 - alpha))]
+    if boots:
+        names = list(boots)
+        stacked = np.stack([boots[m] for m in names])
+        finite = np.isfinite(stacked)
+        with np.errstate(invalid="ignore"):
+            q = np.nanquantile(np.where(finite, stacked, np.nan), [alpha, 1 - alpha], axis=1)
+        for j, name in enumerate(names):
+            if min(na, nb) < 2 or finite[j].sum() < 0.9 * n_bootstrap:
+                ps.ci[name] = None  # one response per side: no spread to resample
+            else:
+                ps.ci[name] = [float(q[0, j]), float(q[1, j])]
     return ps
 
 
@@ -366,6 +424,8 @@ def rank_prompts(
         )
     rng = np.random.default_rng(seed)
     n = len(a.records) if max_prompts is None else min(max_prompts, len(a.records))
+    coarse = coarse_sums([r for rec in a.records[:n] for r in rec.usable], b.model)
+    coarse |= coarse_sums([r for rec in b.records[:n] for r in rec.usable], a.model)
     prompts = [
         score_prompt(
             ra,
@@ -376,6 +436,7 @@ def rank_prompts(
             n_bootstrap=n_bootstrap,
             ci_level=ci_level,
             rng=rng,
+            coarse=coarse,
         )
         for ra, rb in zip(a.records[:n], b.records[:n], strict=True)
     ]

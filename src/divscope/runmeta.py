@@ -8,15 +8,16 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import divscope
 
 
-def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` via a temporary file and a rename.
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:
+    """Call ``write`` on a temporary file next to ``path``, fsync, then rename it to ``path``.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False (nothing is written).
@@ -27,8 +28,8 @@ def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,6 +37,11 @@ def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite)
 
 
 def atomic_write_json(path: Path, obj: Any, *, overwrite: bool = False) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,15 @@ def _scores_from_columns(d: Any, ctx: _Ctx, vocab: TokenVocab) -> TokenScores:
     )
 
 
+def exclusion_reason(scores: TokenScores) -> str | None:
+    """Why a response with these scores cannot be scored, or None when it can."""
+    if len(scores) == 0:
+        return "empty response (no tokens)"
+    if scores.n_missing:
+        return f"{scores.n_missing} of {len(scores)} tokens have no logprob"
+    return None
+
+
 def _parse_response(raw: Any, ctx: _Ctx, vocab: TokenVocab) -> Response:
     raw = _dict(raw, "the response", ctx)
     if "choices" in raw or ("error" in raw and "text" not in raw):  # OpenAI chat.completion
@@ -398,13 +408,7 @@ def _parse_response(raw: Any, ctx: _Ctx, vocab: TokenVocab) -> Response:
             return Response(text, None, None, excluded_reason=f"error: {raw['error']}")
     if finish is not None and not isinstance(finish, str):
         raise ctx.error("finish_reason must be a string", _FIX_SHAPE)
-    reason = None
-    if scores is None:
-        reason = "no logprobs in the response"
-    elif len(scores) == 0:
-        reason = "empty response (no tokens)"
-    elif scores.n_missing:
-        reason = f"{scores.n_missing} of {len(scores)} tokens have no logprob"
+    reason = "no logprobs in the response" if scores is None else exclusion_reason(scores)
     cross: dict[str, CrossScore] = {}
     for model, c in _dict(cross_raw or {}, "cross_scores", ctx).items():
         c = _dict(c, f"cross_scores[{model!r}]", ctx)
@@ -489,7 +493,8 @@ def _sniff(path: Path, head: bytes) -> str:
     )
 
 
-def _read_raw_records(path: Path) -> tuple[list[Any], str]:
+def _read_raw_records(path: Path) -> tuple[Iterable[Any], str]:
+    """The file's raw records and its format; JSONL records are parsed lazily, line by line."""
     if not path.exists():
         raise SampleFileError(path, "no such file", "check the path")
     if path.is_dir():
@@ -502,33 +507,50 @@ def _read_raw_records(path: Path) -> tuple[list[Any], str]:
     if fmt == "pickle":
         obj = safe_load_pickle(path)
         return _top_list(obj, path), fmt
+    if fmt == "jsonl":
+        return _jsonl_records(path), fmt
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise SampleFileError(path, f"not UTF-8 text ({e})", "re-create the file") from e
-    if fmt == "json":
-        try:
-            obj = json.loads(text, parse_constant=_json_constant)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise SampleFileError(
-                path, f"truncated or corrupt JSON ({e})", "re-copy or re-create the file"
-            ) from e
-        return _top_list(obj, path), fmt
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line, parse_constant=_json_constant))
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise SampleFileError(
-                path,
-                f"line {lineno} (record {len(records)}) is truncated or corrupt JSON ({e})",
-                "re-run the sampler on the same config to resume (it rewrites incomplete "
-                "records), or delete the broken line",
-                record=len(records),
-            ) from e
-    return records, fmt
+    try:
+        obj = json.loads(text, parse_constant=_json_constant)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise SampleFileError(
+            path, f"truncated or corrupt JSON ({e})", "re-copy or re-create the file"
+        ) from e
+    return _top_list(obj, path), fmt
+
+
+def _jsonl_records(path: Path) -> Iterator[Any]:
+    """Parse a JSONL file one line at a time (memory holds one raw record, not the file)."""
+    n = 0
+    with path.open(encoding="utf-8", newline="\n") as f:
+        lineno = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                raise SampleFileError(
+                    path, f"not UTF-8 text ({e})", "re-create the file", record=n
+                ) from e
+            if not line:
+                return
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line, parse_constant=_json_constant)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise SampleFileError(
+                    path,
+                    f"line {lineno} (record {n}) is truncated or corrupt JSON ({e})",
+                    "re-run the sampler on the same config to resume (it rewrites incomplete "
+                    "records), or delete the broken line",
+                    record=n,
+                ) from e
+            n += 1
+            yield raw
 
 
 def _top_list(obj: Any, path: Path) -> list[Any]:
@@ -540,7 +562,7 @@ def _top_list(obj: Any, path: Path) -> list[Any]:
 
 
 def load_samples(path: str | Path, vocab: TokenVocab | None = None) -> SampleSet:
-    """Read a sample file (legacy pickle, OpenRouter JSON or divscope JSONL).
+    """Read a sample file (legacy pickle, OpenRouter JSON, divscope JSONL or packed ``.npz``).
 
     Args:
         path: The file.
@@ -555,24 +577,52 @@ def load_samples(path: str | Path, vocab: TokenVocab | None = None) -> SampleSet
     """
     path = Path(path)
     vocab = vocab if vocab is not None else TokenVocab()
+    if path.is_file():
+        from divscope.packed import is_packed, read_samples_packed
+
+        with path.open("rb") as f:
+            head = f.read(4)
+        if is_packed(path, head):
+            return _checked(path, read_samples_packed(path, vocab).records, vocab, "packed")
     raws, fmt = _read_raw_records(path)
-    if not raws:
-        raise SampleFileError(path, "the file holds no records", "re-create it with the sampler")
-    if all(isinstance(r, dict) and r.get("responses") == [] for r in raws):
-        raise SampleFileError(
-            path,
-            f"all {len(raws)} records have no responses: the sampling run came back empty",
-            "check the provider, model name and API key, then re-sample",
-        )
     records = []
+    n = n_empty = 0
+    first_empty: SampleFileError | None = None
     for i, raw in enumerate(raws):
+        n += 1
+        if isinstance(raw, dict) and raw.get("responses") == []:
+            # reported once we know whether every record is empty (a failed run) or not
+            n_empty += 1
+            if first_empty is None:
+                try:
+                    _parse_record(raw, i, path, vocab)
+                except SampleFileError as e:
+                    first_empty = e
+            continue
+        if first_empty is not None:
+            raise first_empty
         try:
             records.append(_parse_record(raw, i, path, vocab))
         except SampleFileError:
             raise
         except (RecursionError, MemoryError, OverflowError) as e:
             raise SampleFileError(path, f"unreadable record ({e})", _FIX_SHAPE, record=i) from e
-    if fmt == "jsonl":  # appended as prompts finished: put them back in prompt order
+    if n == 0:
+        raise SampleFileError(path, "the file holds no records", "re-create it with the sampler")
+    if n_empty == n:
+        raise SampleFileError(
+            path,
+            f"all {n} records have no responses: the sampling run came back empty",
+            "check the provider, model name and API key, then re-sample",
+        )
+    if first_empty is not None:
+        raise first_empty
+    return _checked(path, records, vocab, fmt)
+
+
+def _checked(path: Path, records: list[PromptSamples], vocab: TokenVocab, fmt: str) -> SampleSet:
+    """Records in prompt order, one index each and one model, as a :class:`SampleSet`."""
+    if fmt in ("jsonl", "packed"):  # appended as prompts finished: put them back in order
         seen: dict[int, int] = {}
         for i, r in enumerate(records):
             if r.index in seen:

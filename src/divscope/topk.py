@@ -73,15 +73,81 @@ def mc_kl_terms(p: TokenScores, q: TokenScores, aligned: bool, n_bytes: int) -> 
     return float(p.logprobs.sum() - q.logprobs.sum()), n_bytes
 
 
-def _known_entries(s: TokenScores) -> tuple[np.ndarray, np.ndarray]:
-    """Sampled token + top-k per position, ``(T, 1 + K)``; duplicates and padding get id -1."""
+def known_entries(s: TokenScores) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled token + top-k per position: ids and logprobs, ``(T, 1 + K)`` each."""
     ids = np.concatenate([s.ids[:, None], s.top_ids], axis=1)
     lps = np.concatenate([s.logprobs[:, None], s.top_logprobs], axis=1)
-    k = ids.shape[1]
-    earlier = np.tril(np.ones((k, k), dtype=bool), -1)
-    dup = ((ids[:, :, None] == ids[:, None, :]) & earlier).any(-1)
-    ids = np.where(dup | (ids < 0), -1, ids)
     return ids, lps
+
+
+def _dedupe(ids: np.ndarray) -> np.ndarray:
+    """``(K, T)`` ids with padding and every later duplicate in a column set to -1."""
+    out = np.where(ids < 0, -1, ids)
+    for i in range(1, len(ids)):
+        out[i][(ids[:i] == ids[i]).any(0)] = -1
+    return out
+
+
+def _coarse_columns(
+    p_ids: np.ndarray, p_lps: np.ndarray, q_ids: np.ndarray, q_lps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`coarse_bounds` on position-last arrays ``(K, T)`` (long inner loops)."""
+    p_ids = _dedupe(p_ids).astype(np.int32)
+    q_ids = _dedupe(q_ids).astype(np.int32)
+    p_ids[p_ids < 0] = -2  # never equal to Q's -1
+    lq = np.full(p_lps.shape, -np.inf)  # Q's logprob of each of P's entries, where known
+    in_both = np.zeros(p_ids.shape, dtype=bool)
+    for j in range(len(q_ids)):  # after _dedupe, each of P's entries matches at most once
+        hit = p_ids == q_ids[j]
+        np.copyto(lq, q_lps[j], where=hit)
+        in_both |= hit
+    lp = np.where(in_both, p_lps, -np.inf)
+    with np.errstate(divide="ignore"):
+        lp_tail = log1mexp(logsumexp(lp, axis=0))
+        lq_tail = np.maximum(log1mexp(logsumexp(lq, axis=0)), np.log(TAIL_FLOOR))
+    lp_all = np.concatenate([lp, lp_tail[None]], axis=0)
+    lq_all = np.concatenate([lq, lq_tail[None]], axis=0)
+    p, q = np.exp(lp_all), np.exp(lq_all)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lm = np.log(0.5 * (p + q))
+        kl = np.where(p > 0, p * (lp_all - lq_all), 0.0).sum(0)
+        js = 0.5 * (
+            np.where(p > 0, p * (lp_all - lm), 0.0) + np.where(q > 0, q * (lq_all - lm), 0.0)
+        ).sum(0)
+    return kl, js
+
+
+def coarse_bounds_arrays(
+    p_ids: np.ndarray,
+    p_lps: np.ndarray,
+    q_ids: np.ndarray,
+    q_lps: np.ndarray,
+    chunk: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`coarse_bounds` on stacked arrays, for many responses at once.
+
+    Args:
+        p_ids: ``(T, 1 + K)`` P's sampled token id then its top-k ids (-1 padded), as from
+            :func:`known_entries`; positions of several responses may be concatenated.
+        p_lps: ``(T, 1 + K)`` their logprobs (-inf padded; NaN in column 0 where missing).
+        q_ids: ``(T, 1 + K')`` the same for Q's aligned scores.
+        q_lps: ``(T, 1 + K')``.
+        chunk: Positions per step (keeps the ``(K, K', chunk)`` comparison in cache).
+
+    Returns:
+        ``(kl, js)``, each ``(T,)``, nats; NaN where a sampled token's logprob is missing.
+    """
+    n = len(p_ids)
+    kl, js = np.empty(n), np.empty(n)
+    for t0 in range(0, n, chunk):
+        part = slice(t0, t0 + chunk)
+        kl[part], js[part] = _coarse_columns(
+            *(np.ascontiguousarray(x[part].T) for x in (p_ids, p_lps, q_ids, q_lps))
+        )
+    missing = np.isnan(p_lps[:, 0]) | np.isnan(q_lps[:, 0])
+    kl = np.where(missing, np.nan, np.maximum(kl, 0.0))
+    js = np.where(missing, np.nan, np.clip(js, 0.0, LN2))
+    return kl, js
 
 
 def coarse_bounds(p: TokenScores, q: TokenScores) -> tuple[np.ndarray, np.ndarray]:
@@ -99,25 +165,7 @@ def coarse_bounds(p: TokenScores, q: TokenScores) -> tuple[np.ndarray, np.ndarra
     Returns:
         ``(kl, js)``, each of shape ``(T,)``, in nats; NaN where a logprob is missing.
     """
-    p_ids, p_lps = _known_entries(p)
-    q_ids, q_lps = _known_entries(q)
-    eq = (p_ids[:, :, None] == q_ids[:, None, :]) & (p_ids >= 0)[:, :, None]  # (T, Kp, Kq)
-    in_both = eq.any(-1)
-    lp = np.where(in_both, p_lps, -np.inf)
-    lq = np.where(eq, q_lps[:, None, :], -np.inf).max(-1)
-    lq = np.where(in_both, lq, -np.inf)
-    with np.errstate(divide="ignore"):
-        lp_tail = log1mexp(logsumexp(lp, axis=1))
-        lq_tail = np.maximum(log1mexp(logsumexp(lq, axis=1)), np.log(TAIL_FLOOR))
-    lp_all = np.concatenate([lp, lp_tail[:, None]], axis=1)
-    lq_all = np.concatenate([lq, lq_tail[:, None]], axis=1)
-    kl = plogratio(lp_all, lq_all).sum(1)
-    lm = np.logaddexp(lp_all, lq_all) - LN2
-    js = 0.5 * plogratio(lp_all, lm).sum(1) + 0.5 * plogratio(lq_all, lm).sum(1)
-    missing = np.isnan(p.logprobs) | np.isnan(q.logprobs)
-    kl = np.where(missing, np.nan, np.maximum(kl, 0.0))
-    js = np.where(missing, np.nan, np.clip(js, 0.0, LN2))
-    return kl, js
+    return coarse_bounds_arrays(*known_entries(p), *known_entries(q))
 
 
 @dataclass
@@ -166,12 +214,15 @@ def legacy_contributions(a: Padded, b: Padded) -> tuple[np.ndarray, np.ndarray]:
     x = a.ids[:, None, :t]
     lp = a.logprobs[:, None, :t]
     same = b.ids[None, :, :t] == x
-    top_eq = b.top_ids[None, :, :t, :] == x[..., None]
-    lq_top = np.where(top_eq, b.top_logprobs[None, :, :t, :], -np.inf).max(-1, initial=-np.inf)
+    # top-k with positions last, (n_b, K, t): long inner loops for numpy
+    top_ids = np.ascontiguousarray(b.top_ids[:, :t].transpose(0, 2, 1))
+    top_lps = np.ascontiguousarray(b.top_logprobs[:, :t].transpose(0, 2, 1))
+    top_eq = top_ids[None] == x[:, :, None, :]  # (n_a, n_b, K, t)
+    lq_top = np.where(top_eq, top_lps[None], -np.inf).max(2, initial=-np.inf)
     lq = np.where(same, b.logprobs[None, :, :t], lq_top)
     pos = np.arange(t)
     valid = (pos < a.lengths[:, None, None]) & (pos < b.lengths[None, :, None])
-    matched = valid & (same | top_eq.any(-1))
+    matched = valid & (same | top_eq.any(2))
     terms = np.where(matched, plogratio(np.broadcast_to(lp, lq.shape), lq), 0.0)
     return terms, matched
 
