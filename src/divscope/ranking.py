@@ -320,8 +320,11 @@ def score_prompt(
         names = list(boots)
         stacked = np.stack([boots[m] for m in names])
         finite = np.isfinite(stacked)
-        with np.errstate(invalid="ignore"):
-            q = np.nanquantile(np.where(finite, stacked, np.nan), [alpha, 1 - alpha], axis=1)
+        if finite.all():
+            q = np.quantile(stacked, [alpha, 1 - alpha], axis=1)
+        else:  # nanquantile goes row by row: only when some resample is undefined
+            with np.errstate(invalid="ignore"):
+                q = np.nanquantile(np.where(finite, stacked, np.nan), [alpha, 1 - alpha], axis=1)
         for j, name in enumerate(names):
             if min(na, nb) < 2 or finite[j].sum() < 0.9 * n_bootstrap:
                 ps.ci[name] = None  # one response per side: no spread to resample
