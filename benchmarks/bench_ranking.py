@@ -38,11 +38,11 @@ def make_files(d: Path, n_prompts: int, n_samples: int, length: int, k: int, see
         return ids, lps
 
     def cols(ids: np.ndarray, lps: np.ndarray, tok: np.ndarray, lp: np.ndarray) -> dict:
-        return {
+        return {  # float32 values, as divscope's sampler writes them
             "tokens": vocab[tok].tolist(),
-            "logprobs": lp.round(6).tolist(),
+            "logprobs": lp.astype(np.float32).tolist(),
             "top_tokens": vocab[ids].tolist(),
-            "top_logprobs": lps.round(6).tolist(),
+            "top_logprobs": lps.astype(np.float32).tolist(),
         }
 
     def response(other: str) -> dict:

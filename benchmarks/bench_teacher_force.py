@@ -23,12 +23,19 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.common import machine_info, write_result
 from divscope.divergence import js_and_kls
 from divscope.models import load_model
 from divscope.teacher_force import PERSONA_BATCH, output_head, teacher_force
+
+PERSONAS_FILE = "data/personas/core.yaml"
+RESPONSE = (
+    "Honestly, the best way to learn a new language is to use it every day: read short "
+    "stories, talk with native speakers, and do not be afraid of making mistakes."
+)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
@@ -178,14 +185,77 @@ def run(personas: list[int], lengths: list[int], dtype: str, reps: int) -> dict:
     }
 
 
+def bf16_check(reps: int, n: int = 8, t: int = 128) -> dict:
+    """bf16 against fp32 on CPU: speed at the headline size, accuracy on a real persona unit.
+
+    Accuracy: 6 personas from ``data/personas/core.yaml`` answering the first question of
+    ``data/questions/eval20.yaml`` with a fixed natural-language response (teacher forced),
+    scored in fp32 and in bf16 (bf16 weights and activations, fp32 output projection and
+    divergences); the relative error of each JS / KL value against fp32 is reported.
+    """
+    from divscope.personas import PromptRenderer, load_personas, load_questions
+
+    models = {d: load_model("smollm2-135m-instruct", dtype=d) for d in ("float32", "bfloat16")}
+    tok = models["float32"][1]
+    renderer = PromptRenderer(tok)
+    question = load_questions("data/questions/eval20.yaml", 1)[0]
+    prompts = [renderer.prompt_ids(p, question) for p in load_personas(PERSONAS_FILE, 6)]
+    response = tok(RESPONSE, add_special_tokens=False)["input_ids"]
+    vals = {}
+    for d, (model, _) in models.items():
+        u = teacher_force(model, prompts, response, 0)
+        vals[d] = np.stack([u.js, u.kl_fwd, u.kl_rev])[:, 1:]  # generator row is exactly 0
+    rel = np.abs(vals["bfloat16"] - vals["float32"]) / vals["float32"]
+
+    gen = torch.Generator().manual_seed(0)
+    synth = [torch.randint(0, 49152, (40 + i,), generator=gen).tolist() for i in range(n)]
+    resp = torch.randint(0, 49152, (t,), generator=gen).tolist()
+    tokens = sum(len(p) + t for p in synth)
+    best = {d: float("inf") for d in models}
+    peak = {"float32": 0.0, "bfloat16": 0.0}
+    for model, _ in models.values():
+        teacher_force(model, synth, resp, 0)  # warm-up
+    for _ in range(reps):
+        for d, (model, _) in models.items():
+            peak[d] = max(peak[d], matmul_peak(getattr(torch, d), reps=2))
+            t0 = time.perf_counter()
+            teacher_force(model, synth, resp, 0)
+            best[d] = min(best[d], time.perf_counter() - t0)
+    f = flops(models["float32"][0], tokens, n * t)
+    return {
+        "bf16_speedup_vs_fp32": best["float32"] / best["bfloat16"],
+        "bf16_max_relative_error": float(rel.max()),
+        "bf16_holds_accuracy": bool(rel.max() <= 1e-3),
+        "bf16_relative_error": {
+            k: float(rel[i].max()) for i, k in enumerate(("js", "kl_fwd", "kl_rev"))
+        },
+        "fp32_values": vals["float32"].tolist(),
+        "bf16_values": vals["bfloat16"].tolist(),
+        "timing_config": {"personas": n, "response_tokens": t, "tokens": tokens},
+        "scorer_s": best,
+        "scorer_tokens_per_s": {d: tokens / s for d, s in best.items()},
+        "matmul_peak_gflops": peak,
+        "fraction_of_matmul_peak": {d: f / best[d] / 1e9 / peak[d] for d in models},
+        "note": "bf16 FLOP fraction counts the fp32 output projection at the bf16 peak",
+        "reps": reps,
+        "machine": machine_info(),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--personas", default="4,8,16")
     ap.add_argument("--lengths", default="32,128,512")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument(
+        "--dtype", default="float32", help="float32: the sweep; bfloat16: bf16 vs fp32 check"
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.dtype == "bfloat16":
+        result = bf16_check(args.reps)
+        write_result(Path(args.out or "benchmarks/results/teacher_force_bfloat16.json"), result)
+        return result
     result = run(
         [int(x) for x in args.personas.split(",")],
         [int(x) for x in args.lengths.split(",")],

@@ -8,12 +8,13 @@ from benchmarks import bench_losses, bench_ranking, bench_teacher_force
 
 
 def main() -> None:
-    for name, bench in (
-        ("teacher_force", bench_teacher_force),
-        ("ranking", bench_ranking),
-        ("losses", bench_losses),
+    for name, bench, args in (
+        ("teacher_force", bench_teacher_force, []),
+        ("teacher_force_bf16", bench_teacher_force, ["--dtype", "bfloat16"]),
+        ("ranking", bench_ranking, []),
+        ("losses", bench_losses, []),
     ):
-        result = bench.main([])
+        result = bench.main(args)
         headline = {k: v for k, v in result.items() if not isinstance(v, dict)}
         print(f"{name}: {json.dumps(headline)}")
 

@@ -240,3 +240,16 @@ def test_zip_magic_without_the_suffix_is_still_read(tmp_path, packed_arrays):
     p = _write(tmp_path, packed_arrays, "samples.bin")
     assert zipfile.is_zipfile(p)
     assert load_samples(p).source_format == "packed"
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from divscope.runmeta import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        p = atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == 0o644  # not mkstemp's private 0600

@@ -13,9 +13,11 @@ writes the same content packed, which loads in well under a second and is what
   ``own`` is ``[start, length]`` into the ``own`` block (or null) and ``cross`` maps a model to
   ``{block, start, length, aligned}``; ``token_ids`` / ``byte_offsets`` flags say whether
   those optional columns hold data for the response.
-* per block ``b``: ``b.ids (N,) int32`` string-table ids, ``b.logprobs (N,) float64`` (NaN
-  where the server gave none), ``b.top_ids (N, K) int32`` (-1 padded), ``b.top_logprobs (N, K)
-  float64`` (-inf padded), ``b.token_ids (N,) int64`` and ``b.byte_offsets (N,) int64``.
+* per block ``b``: ``b.ids (N,) int32`` string-table ids, ``b.logprobs (N,)`` (NaN where the
+  server gave none), ``b.top_ids (N, K) int32`` (-1 padded), ``b.top_logprobs (N, K)`` (-inf
+  padded), ``b.token_ids (N,) int64`` and ``b.byte_offsets (N,) int64``. Logprobs are stored
+  as float32 when that is lossless (the sampler writes float32 values; servers compute in
+  float32) and as float64 otherwise; they are always float64 in memory.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from divscope.samples import (
 )
 
 PACKED_FORMAT = "divscope.samples-packed/1"
+_FLOATS = (np.float32, np.float64)
 _FIX = "re-create it with `divscope convert SAMPLES.jsonl SAMPLES.npz`"
 
 
@@ -79,6 +82,10 @@ class _Block:
             if s.byte_offsets is not None:
                 out["byte_offsets"][at : at + m] = s.byte_offsets
             at += m
+        for key in ("logprobs", "top_logprobs"):
+            narrow = out[key].astype(np.float32)
+            if np.array_equal(narrow.astype(np.float64), out[key], equal_nan=True):
+                out[key] = narrow  # lossless: half the bytes to read back
         return {f"{name}.{k}": v for k, v in out.items()}
 
 
@@ -153,18 +160,20 @@ def is_packed(path: Path, head: bytes) -> bool:
     return path.suffix.lower() == ".npz" or head[:4] == b"PK\x03\x04"
 
 
-def _array(z: Any, key: str, path: Path, dtype: type, ndim: int) -> np.ndarray:
+def _array(z: Any, key: str, path: Path, dtype: type | tuple[type, ...], ndim: int) -> np.ndarray:
     if key not in z.files:
         raise SampleFileError(path, f"array {key!r} is missing", _FIX)
     try:
         a = z[key]
     except Exception as e:  # noqa: BLE001 - a corrupt .npy fails in many ways (header parsing, zip, zlib)
         raise SampleFileError(path, f"array {key!r} is unreadable ({e!r})", _FIX) from e
-    if a.dtype != dtype or a.ndim != ndim:
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if a.dtype not in dtypes or a.ndim != ndim:
+        names = " or ".join(d.__name__ for d in dtypes)
         raise SampleFileError(
-            path, f"array {key!r} is {a.dtype} with {a.ndim} dims, expected {dtype.__name__}", _FIX
+            path, f"array {key!r} is {a.dtype} with {a.ndim} dims, expected {names}", _FIX
         )
-    return a
+    return a.astype(np.float64) if a.dtype == np.float32 else a
 
 
 class _Locator:
@@ -202,11 +211,11 @@ def _check_block(
         bad = (a[key] < low) | (a[key] >= n_strings)
         if bad.any():
             fail(bad, f"{key} outside the string table (0..{n_strings - 1})")
-    top_pad = a["top_ids"] < 0
     lp, top = a["logprobs"], a["top_logprobs"]
-    if (lp > _LOGPROB_TOLERANCE).any() or np.isposinf(lp).any():
-        fail((lp > _LOGPROB_TOLERANCE) | np.isposinf(lp), "a logprob is above 0")
-    bad_top = np.isnan(top) | (top > _LOGPROB_TOLERANCE) | (top_pad & ~np.isneginf(top))
+    if (lp > _LOGPROB_TOLERANCE).any():  # NaN is allowed here: the server gave no logprob
+        fail(lp > _LOGPROB_TOLERANCE, "a logprob is above 0")
+    bad_top = ~(top <= _LOGPROB_TOLERANCE)  # NaN compares False: caught here too
+    bad_top |= (a["top_ids"] < 0) & (top != -np.inf)
     if bad_top.any():
         fail(bad_top, "a top-k logprob is NaN, above 0, or set where there is no token")
 
@@ -312,13 +321,14 @@ def _build(path: Path, z: Any, meta: dict[str, Any], vocab: TokenVocab) -> Sampl
                 spans[c["block"]].append((i, j, c["start"], c["length"]))
     arrays = []
     to_vocab = vocab.ids(strings)  # string-table id -> shared vocab id
+    identity = bool(np.array_equal(to_vocab, np.arange(len(strings))))
     table = np.array(strings + [""], dtype=object)
     for b, name in enumerate(blocks):
         a = {
             "ids": _array(z, f"b{b}.ids", path, np.int32, 1),
-            "logprobs": _array(z, f"b{b}.logprobs", path, np.float64, 1),
+            "logprobs": _array(z, f"b{b}.logprobs", path, _FLOATS, 1),
             "top_ids": _array(z, f"b{b}.top_ids", path, np.int32, 2),
-            "top_logprobs": _array(z, f"b{b}.top_logprobs", path, np.float64, 2),
+            "top_logprobs": _array(z, f"b{b}.top_logprobs", path, _FLOATS, 2),
             "token_ids": _array(z, f"b{b}.token_ids", path, np.int64, 1),
             "byte_offsets": _array(z, f"b{b}.byte_offsets", path, np.int64, 1),
         }
@@ -335,8 +345,9 @@ def _build(path: Path, z: Any, meta: dict[str, Any], vocab: TokenVocab) -> Sampl
                 )
         _check_block(path, name, a, len(strings), loc)
         a["tokens"] = table[a["ids"]].tolist()
-        a["ids"] = to_vocab[a["ids"]]
-        a["top_ids"] = np.where(a["top_ids"] >= 0, to_vocab[a["top_ids"]], -1)
+        if not identity:  # another file's table came first: map to the shared vocabulary
+            a["ids"] = to_vocab[a["ids"]]
+            a["top_ids"] = np.where(a["top_ids"] >= 0, to_vocab[a["top_ids"]], -1)
         arrays.append(a)
 
     def scores(b: int, start: int, length: int, flags: dict[str, Any]) -> TokenScores:

@@ -21,8 +21,14 @@ from typing import Any
 import numpy as np
 
 from divscope.errors import SampleFileError
-from divscope.samples import PromptSamples, Response, SampleSet, check_same_prompts
-from divscope.topk import Padded, coarse_bounds_arrays, legacy_matrix, mc_kl_terms
+from divscope.samples import (
+    PromptSamples,
+    Response,
+    SampleSet,
+    TokenScores,
+    check_same_prompts,
+)
+from divscope.topk import Padded, coarse_bounds_columns, legacy_matrix, mc_kl_terms
 
 BASE_METRICS = ("mc_kl", "topk_kl_lb", "topk_js_lb", "legacy_aligned")
 ALL_METRICS = tuple(f"{m}{s}" for m in BASE_METRICS for s in ("", "_ab", "_ba"))
@@ -121,8 +127,14 @@ class _Direction:
     missing_cross: int
 
 
-def coarse_sums(responses: list[Response], other: str) -> dict[int, tuple[float, float, int]]:
+def coarse_sums(
+    responses: list[Response], other: str, chunk: int = 2048
+) -> dict[int, tuple[float, float, int]]:
     """Top-k KL and JS bound sums over each response's positions, for all responses at once.
+
+    Responses are processed in groups of about ``chunk`` positions, each laid out positions
+    last (what :func:`divscope.topk.coarse_bounds_columns` wants) straight from the responses'
+    arrays, so nothing of the size of the whole file is built.
 
     Returns:
         ``id(response) -> (kl_sum, js_sum, positions)`` for responses with an aligned top-k
@@ -136,36 +148,45 @@ def coarse_sums(responses: list[Response], other: str) -> dict[int, tuple[float,
         and r.cross[other].scores.top_ids.shape[1]
         and r.scores.top_ids.shape[1]
     ]
-    if not todo:
-        return {}
-    sides = []
-    for get in (lambda r: r.scores, lambda r: r.cross[other].scores):
-        scores = [get(r) for r in todo]
-        k = max(s.top_ids.shape[1] for s in scores)
-        ids = np.concatenate([_pad_k(s.top_ids, k, -1) for s in scores])
-        lps = np.concatenate([_pad_k(s.top_logprobs, k, -np.inf) for s in scores])
-        sides += [
-            np.concatenate([np.concatenate([s.ids for s in scores])[:, None], ids], 1),
-            np.concatenate([np.concatenate([s.logprobs for s in scores])[:, None], lps], 1),
-        ]
-    kl, js = coarse_bounds_arrays(*sides)
-    ok = ~np.isnan(kl)
-    starts = np.cumsum([0] + [len(r.scores) for r in todo[:-1]])
-    kl_sum = np.add.reduceat(np.where(ok, kl, 0.0), starts)
-    js_sum = np.add.reduceat(np.where(ok, js, 0.0), starts)
-    cnt = np.add.reduceat(ok.astype(np.int64), starts)
-    return {
-        id(r): (float(a), float(b), int(c))
-        for r, a, b, c in zip(todo, kl_sum, js_sum, cnt, strict=True)
-    }
-
-
-def _pad_k(x: np.ndarray, k: int, fill: float) -> np.ndarray:
-    if x.shape[1] == k:
-        return x
-    out = np.full((len(x), k), fill, dtype=x.dtype)
-    out[:, : x.shape[1]] = x
+    out: dict[int, tuple[float, float, int]] = {}
+    group: list[Response] = []
+    size = 0
+    for i, r in enumerate(todo):
+        group.append(r)
+        size += len(r.scores)
+        if size >= chunk or i == len(todo) - 1:
+            cols = [
+                x
+                for s in ([g.scores for g in group], [g.cross[other].scores for g in group])
+                for x in _positions_last(s)
+            ]
+            kl, js = coarse_bounds_columns(*cols)
+            ok = ~np.isnan(kl)
+            starts = np.cumsum([0] + [len(g.scores) for g in group[:-1]])
+            kl_sum = np.add.reduceat(np.where(ok, kl, 0.0), starts)
+            js_sum = np.add.reduceat(np.where(ok, js, 0.0), starts)
+            cnt = np.add.reduceat(ok.astype(np.int64), starts)
+            for g, a, b, c in zip(group, kl_sum, js_sum, cnt, strict=True):
+                out[id(g)] = (float(a), float(b), int(c))
+            group, size = [], 0
     return out
+
+
+def _positions_last(scores: list[TokenScores]) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled token then top-k of several responses: ids and logprobs ``(1 + K, T)``."""
+    k = max(s.top_ids.shape[1] for s in scores)
+    n = sum(len(s) for s in scores)
+    ids = np.full((1 + k, n), -1, dtype=np.int64)
+    lps = np.full((1 + k, n), -np.inf)
+    at = 0
+    for s in scores:
+        m, kk = len(s), s.top_ids.shape[1]
+        ids[0, at : at + m] = s.ids
+        lps[0, at : at + m] = s.logprobs
+        ids[1 : 1 + kk, at : at + m] = s.top_ids.T
+        lps[1 : 1 + kk, at : at + m] = s.top_logprobs.T
+        at += m
+    return ids, lps
 
 
 def _direction_terms(

@@ -28,6 +28,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bo
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make results private by accident
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -139,11 +139,20 @@ def coarse_bounds_arrays(
     """
     n = len(p_ids)
     kl, js = np.empty(n), np.empty(n)
-    cols = [np.ascontiguousarray(x.T) for x in (p_ids, p_lps, q_ids, q_lps)]  # positions last
     for t0 in range(0, n, chunk):
         part = slice(t0, t0 + chunk)
-        kl[part], js[part] = _coarse_columns(*(x[:, part] for x in cols))
-    missing = np.isnan(p_lps[:, 0]) | np.isnan(q_lps[:, 0])
+        kl[part], js[part] = coarse_bounds_columns(
+            *(np.ascontiguousarray(x[part].T) for x in (p_ids, p_lps, q_ids, q_lps))
+        )
+    return kl, js
+
+
+def coarse_bounds_columns(
+    p_ids: np.ndarray, p_lps: np.ndarray, q_ids: np.ndarray, q_lps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`coarse_bounds_arrays` on position-last arrays ``(1 + K, T)`` (no chunking)."""
+    kl, js = _coarse_columns(p_ids, p_lps, q_ids, q_lps)
+    missing = np.isnan(p_lps[0]) | np.isnan(q_lps[0])
     kl = np.where(missing, np.nan, np.maximum(kl, 0.0))
     js = np.where(missing, np.nan, np.clip(js, 0.0, LN2))
     return kl, js
