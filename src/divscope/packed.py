@@ -17,7 +17,9 @@ writes the same content packed, which loads in well under a second and is what
   server gave none), ``b.top_ids (N, K) int32`` (-1 padded), ``b.top_logprobs (N, K)`` (-inf
   padded), ``b.token_ids (N,) int64`` and ``b.byte_offsets (N,) int64``. Logprobs are stored
   as float32 when that is lossless (the sampler writes float32 values; servers compute in
-  float32) and as float64 otherwise; they are always float64 in memory.
+  float32) and as float64 otherwise. In memory ``logprobs`` are float64 and ``top_logprobs``
+  keep the stored dtype (exact either way; consumers widen them before arithmetic), which
+  saves 640 MB of fresh memory on a 1,000-prompt pair.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def _array(z: Any, key: str, path: Path, dtype: type | tuple[type, ...], ndim: i
         raise SampleFileError(
             path, f"array {key!r} is {a.dtype} with {a.ndim} dims, expected {names}", _FIX
         )
-    return a.astype(np.float64) if a.dtype == np.float32 else a
+    return a
 
 
 class _Locator:
@@ -208,16 +210,23 @@ def _check_block(
         raise SampleFileError(path, f"block {name}: {problem}", fix, **loc.where(flat))
 
     for key, low in (("ids", 0), ("top_ids", -1)):
-        bad = (a[key] < low) | (a[key] >= n_strings)
-        if bad.any():
-            fail(bad, f"{key} outside the string table (0..{n_strings - 1})")
-    lp, top = a["logprobs"], a["top_logprobs"]
+        x = a[key]
+        if x.size and (x.min() < low or x.max() >= n_strings):
+            fail(
+                (x < low) | (x >= n_strings), f"{key} outside the string table (0..{n_strings - 1})"
+            )
+    lp = a["logprobs"]
     if (lp > _LOGPROB_TOLERANCE).any():  # NaN is allowed here: the server gave no logprob
         fail(lp > _LOGPROB_TOLERANCE, "a logprob is above 0")
-    bad_top = ~(top <= _LOGPROB_TOLERANCE)  # NaN compares False: caught here too
-    bad_top |= (a["top_ids"] < 0) & (top != -np.inf)
-    if bad_top.any():
-        fail(bad_top, "a top-k logprob is NaN, above 0, or set where there is no token")
+    rows = max(1, 2**20 // max(1, a["top_ids"].shape[1]))  # small temporaries, reused memory
+    for r0 in range(0, n, rows):
+        top, top_ids = a["top_logprobs"][r0 : r0 + rows], a["top_ids"][r0 : r0 + rows]
+        bad_top = ~(top <= _LOGPROB_TOLERANCE)  # NaN compares False: caught here too
+        bad_top |= (top_ids < 0) & (top != -np.inf)
+        if bad_top.any():
+            bad = np.zeros((n, 1), dtype=bool)
+            bad[r0 : r0 + rows] = bad_top.any(1, keepdims=True)
+            fail(bad, "a top-k logprob is NaN, above 0, or set where there is no token")
 
 
 def read_samples_packed(path: str | Path, vocab: TokenVocab | None = None) -> SampleSet:
@@ -322,11 +331,12 @@ def _build(path: Path, z: Any, meta: dict[str, Any], vocab: TokenVocab) -> Sampl
     arrays = []
     to_vocab = vocab.ids(strings)  # string-table id -> shared vocab id
     identity = bool(np.array_equal(to_vocab, np.arange(len(strings))))
+    lookup = np.append(to_vocab, -1).astype(np.int32 if len(vocab) < 2**31 else np.int64)
     table = np.array(strings + [""], dtype=object)
     for b, name in enumerate(blocks):
         a = {
             "ids": _array(z, f"b{b}.ids", path, np.int32, 1),
-            "logprobs": _array(z, f"b{b}.logprobs", path, _FLOATS, 1),
+            "logprobs": _array(z, f"b{b}.logprobs", path, _FLOATS, 1).astype(np.float64),
             "top_ids": _array(z, f"b{b}.top_ids", path, np.int32, 2),
             "top_logprobs": _array(z, f"b{b}.top_logprobs", path, _FLOATS, 2),
             "token_ids": _array(z, f"b{b}.token_ids", path, np.int64, 1),
@@ -346,8 +356,8 @@ def _build(path: Path, z: Any, meta: dict[str, Any], vocab: TokenVocab) -> Sampl
         _check_block(path, name, a, len(strings), loc)
         a["tokens"] = table[a["ids"]].tolist()
         if not identity:  # another file's table came first: map to the shared vocabulary
-            a["ids"] = to_vocab[a["ids"]]
-            a["top_ids"] = np.where(a["top_ids"] >= 0, to_vocab[a["top_ids"]], -1)
+            a["ids"] = lookup[a["ids"]]
+            a["top_ids"] = lookup[a["top_ids"]]  # -1 (padding) reads the last entry, -1
         arrays.append(a)
 
     def scores(b: int, start: int, length: int, flags: dict[str, Any]) -> TokenScores:

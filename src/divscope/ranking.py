@@ -356,7 +356,9 @@ def score_prompt(
 
 def _topk_mass(responses: list[Response]) -> float | None:
     masses = [
-        np.exp(r.scores.top_logprobs).sum(1) for r in responses if r.scores.top_logprobs.shape[1]
+        np.exp(r.scores.top_logprobs, dtype=np.float64).sum(1)
+        for r in responses
+        if r.scores.top_logprobs.shape[1]
     ]
     return float(np.concatenate(masses).mean()) if masses else None
 
@@ -405,6 +407,21 @@ def rank_prompts(
         SampleFileError: The files' prompts differ, or ``metric`` needs data they lack.
         ValueError: ``metric`` is not a known metric name.
     """
+    from divscope.gcpause import paused_gc
+
+    with paused_gc():
+        return _rank_prompts(a, b, metric, max_prompts, n_bootstrap, ci_level, seed)
+
+
+def _rank_prompts(
+    a: SampleSet,
+    b: SampleSet,
+    metric: str | None,
+    max_prompts: int | None,
+    n_bootstrap: int,
+    ci_level: float,
+    seed: int,
+) -> Ranking:
     check_same_prompts(a, b)
     if a.vocab is not b.vocab:
         raise ValueError("load both files with one TokenVocab (use divscope.samples.load_pair)")

@@ -71,7 +71,9 @@ class TokenScores:
         ids: Interned token ids, shape ``(T,)``.
         logprobs: Log-probability of each token, shape ``(T,)``; NaN where the server gave none.
         top_ids: Interned ids of the top-k alternatives, shape ``(T, K)``, -1 padded.
-        top_logprobs: Their log-probabilities, shape ``(T, K)``, -inf padded.
+        top_logprobs: Their log-probabilities, shape ``(T, K)``, -inf padded; float64, or
+            float32 when read from a packed file that stored them so (exact values; widen
+            before arithmetic).
         token_ids: Tokenizer ids where the server gave them, else None.
         byte_offsets: Byte offset of each token in the text where known, else None.
     """
@@ -575,6 +577,13 @@ def load_samples(path: str | Path, vocab: TokenVocab | None = None) -> SampleSet
         SampleFileError: The file is missing, truncated, corrupt, holds NaN or +inf
             logprobs, a record without responses, or mixes models.
     """
+    from divscope.gcpause import paused_gc
+
+    with paused_gc():
+        return _load_samples(Path(path), vocab)
+
+
+def _load_samples(path: Path, vocab: TokenVocab | None) -> SampleSet:
     path = Path(path)
     vocab = vocab if vocab is not None else TokenVocab()
     if path.is_file():

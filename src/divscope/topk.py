@@ -29,22 +29,6 @@ LN2 = float(np.log(2.0))
 TAIL_FLOOR = 1e-12
 
 
-def log1mexp(a: np.ndarray) -> np.ndarray:
-    """``log(1 - exp(a))`` for ``a <= 0``, accurate near both ends; -inf where ``a >= 0``."""
-    a = np.minimum(np.asarray(a, dtype=np.float64), 0.0)
-    with np.errstate(divide="ignore"):
-        return np.where(a > -LN2, np.log(-np.expm1(a)), np.log1p(-np.exp(a)))
-
-
-def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    """``log(sum(exp(x)))`` along ``axis``, max-shifted; -inf where every entry is -inf."""
-    m = np.max(x, axis=axis, keepdims=True)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        out = np.log(np.exp(x - m_safe).sum(axis=axis)) + np.squeeze(m_safe, axis=axis)
-    return out
-
-
 def plogratio(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
     """Elementwise ``p * (log p - log q)`` from logs, with ``0 * anything = 0``."""
     with np.errstate(invalid="ignore", over="ignore"):
@@ -102,13 +86,17 @@ def _coarse_columns(
         np.copyto(lq, q_lps[j], where=hit)
         in_both |= hit
     lp = np.where(in_both, p_lps, -np.inf)
-    with np.errstate(divide="ignore"):
-        lp_tail = log1mexp(logsumexp(lp, axis=0))
-        lq_tail = np.maximum(log1mexp(logsumexp(lq, axis=0)), np.log(TAIL_FLOOR))
-    lp_all = np.concatenate([lp, lp_tail[None]], axis=0)
-    lq_all = np.concatenate([lq, lq_tail[None]], axis=0)
-    p, q = np.exp(lp_all), np.exp(lq_all)
+    # Coarse distributions: the K known entries, then the tail 1 - known mass (Q's floored).
+    k = len(lp)
+    lp_all, lq_all = np.empty((k + 1, lp.shape[1])), np.empty((k + 1, lp.shape[1]))
+    p, q = np.empty_like(lp_all), np.empty_like(lp_all)
+    lp_all[:k], lq_all[:k] = lp, lq
+    np.exp(lp, out=p[:k])
+    np.exp(lq, out=q[:k])
+    p[k] = np.maximum(1.0 - p[:k].sum(0), 0.0)
+    q[k] = np.maximum(1.0 - q[:k].sum(0), TAIL_FLOOR)
     with np.errstate(divide="ignore", invalid="ignore"):
+        lp_all[k], lq_all[k] = np.log(p[k]), np.log(q[k])
         lm = np.log(0.5 * (p + q))
         kl = np.where(p > 0, p * (lp_all - lq_all), 0.0).sum(0)
         js = 0.5 * (
