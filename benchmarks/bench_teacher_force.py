@@ -31,6 +31,7 @@ from divscope.divergence import js_and_kls
 from divscope.models import load_model
 from divscope.teacher_force import PERSONA_BATCH, output_head, teacher_force
 
+HEADLINE = (8, 128)  # personas, response tokens
 PERSONAS_FILE = "data/personas/core.yaml"
 RESPONSE = (
     "Honestly, the best way to learn a new language is to use it every day: read short "
@@ -113,7 +114,8 @@ def _timed(fn, *args, **kwargs) -> tuple[float, float, object, dict[str, float]]
 
 def run(personas: list[int], lengths: list[int], dtype: str, reps: int) -> dict:
     """The sweep. The machine is shared, so the matmul peak, the scorer and the naive path are
-    measured in turn ``reps`` times per configuration and each keeps its best time."""
+    measured in turn ``reps`` times per configuration (at least 5 for the headline) and each
+    keeps its best time."""
     model, _ = load_model("smollm2-135m-instruct", dtype=dtype)
     head = output_head(model)
     dt = getattr(torch, dtype)
@@ -127,7 +129,8 @@ def run(personas: list[int], lengths: list[int], dtype: str, reps: int) -> dict:
             tokens = sum(len(p) + t for p in prompts)
             teacher_force(model, prompts, response, 0, head=head)  # warm-up (compiles once)
             fast = slow = float("inf")
-            for _ in range(reps):
+            headline = (n, t) == HEADLINE
+            for _ in range(max(reps, 5) if headline else reps):
                 peak = max(peak, matmul_peak(dt, reps=2))
                 s, mem, u, prof = _timed(
                     teacher_force, model, prompts, response, 0, head=head, profile=True
@@ -164,10 +167,9 @@ def run(personas: list[int], lengths: list[int], dtype: str, reps: int) -> dict:
             print(json.dumps(configs[-1]), flush=True)
     for c in configs:  # the peak only ever rises: use the run's best for every configuration
         c["fraction_of_matmul_peak"] = c["scorer_gflops"] / peak
-    mid = (
-        next(c for c in configs if c["personas"] == 8 and c["response_tokens"] == 128)
-        if 8 in personas and 128 in lengths
-        else configs[len(configs) // 2]
+    mid = next(
+        (c for c in configs if (c["personas"], c["response_tokens"]) == HEADLINE),
+        configs[len(configs) // 2],
     )
     return {
         "speedup_vs_naive": mid["speedup_vs_naive"],
@@ -249,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--dtype", default="float32", help="float32: the sweep; bfloat16: bf16 vs fp32 check"
     )
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--reps", type=int, default=2, help="best of this many (the headline: of at least 5)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.dtype == "bfloat16":

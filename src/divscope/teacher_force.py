@@ -142,7 +142,11 @@ def teacher_force(
     if t == 0:
         raise ValueError("empty response: nothing to teacher-force")
     body = decoder(model)
-    order = [generator] + [i for i in range(n) if i != generator]
+    # the generator first (its row is reused), the others by prompt length so that each
+    # persona batch pads as little as possible
+    order = [generator] + sorted(
+        (i for i in range(n) if i != generator), key=lambda i: len(prompts[i])
+    )
     size = persona_batch or n
     out_js, out_kf, out_kr = np.zeros(n), np.zeros(n), np.zeros(n)
     hidden = np.zeros((n, len(layers), model.config.hidden_size), np.float32) if layers else None
