@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,16 @@ def test_stats_keys_are_the_same_from_memory_and_from_json(small_run, tmp_path):
     assert cos_mem.keys() == cos_disk.keys()
     for k in cos_mem:
         np.testing.assert_allclose(cos_mem[k], cos_disk[k])
+
+
+def test_packaged_model_is_plain_dense_fp32(smol):
+    """The cached conversion carries no GGUF quantization record: plain dense fp32 modules."""
+    from divscope.models import CACHE_FORMAT, resolve_model
+
+    model, _ = smol
+    assert getattr(model.config, "quantization_config", None) is None
+    assert getattr(model, "hf_quantizer", None) is None
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.float32 for m in linears)
+    meta = json.loads((Path(resolve_model("smollm2-135m-instruct")) / "divscope.json").read_text())
+    assert meta["format"] == CACHE_FORMAT

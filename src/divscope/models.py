@@ -54,6 +54,10 @@ PACKAGED = {
 }
 
 
+# 2: config.json without the GGUF loader's quantization_config (format 1 kept it)
+CACHE_FORMAT = 2
+
+
 def cache_dir() -> Path:
     """divscope's cache root: ``$DIVSCOPE_CACHE`` or ``~/.cache/divscope``."""
     return Path(os.environ.get("DIVSCOPE_CACHE") or Path.home() / ".cache" / "divscope")
@@ -90,6 +94,10 @@ def convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> Pat
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied - {"lm_head.weight"}:
         raise RuntimeError(f"converting {gguf}: missing {missing}, unexpected {unexpected}")
+    # the GGUF loader's quantization record would make every later load attach a GGUF
+    # quantizer to what are now plain dense weights
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     if chat_template:
         tok.chat_template = chat_template
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +108,7 @@ def convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> Pat
         (tmp / "divscope.json").write_text(
             json.dumps(
                 {
+                    "format": CACHE_FORMAT,
                     "source_gguf": str(gguf),
                     "source_bytes": gguf.stat().st_size,
                     "dequantised_by": f"transformers {transformers.__version__}",
@@ -118,12 +127,20 @@ def convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> Pat
     return out
 
 
+def _cache_format(out: Path) -> int:
+    """The cache format of a converted model directory (0 when absent or unreadable)."""
+    try:
+        return int(json.loads((out / "divscope.json").read_text()).get("format", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 def resolve_model(name: str) -> str:
     """A hub name or local path as given; a packaged short name -> its cached directory."""
     if name not in PACKAGED:
         return name
     out = cache_dir() / "models" / name
-    if not (out / "divscope.json").exists():
+    if _cache_format(out) < CACHE_FORMAT:
         convert_gguf(packaged_gguf(name), out, PACKAGED[name].chat_template)
     return str(out)
 
