@@ -3,9 +3,8 @@
 JSONL is what the sampler appends as it goes (resumable, readable); parsing it costs about
 24 s per file of 1,000 prompts x 5 samples x 200 tokens x top-20 (2 CPU cores).
 ``divscope convert A.jsonl A.npz`` writes the same content packed, which loads in well under
-a second and is what
-``divscope rank`` should be pointed at for large runs. The file is an uncompressed NumPy
-``.npz`` read with ``allow_pickle=False`` (nothing in it can run code):
+a second and is what ``divscope rank`` should be pointed at for large runs. The file is an
+uncompressed NumPy ``.npz`` read with ``allow_pickle=False`` (nothing in it can run code):
 
 * ``meta``: UTF-8 JSON as ``uint8`` — ``{format, model, source, strings, blocks, records}``.
   ``strings`` is the token string table; ``blocks`` names the score blocks (``own`` for the
