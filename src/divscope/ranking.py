@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 
 from divscope.errors import SampleFileError
-from divscope.samples import (
-    PromptSamples,
-    Response,
-    SampleSet,
-    TokenScores,
-    check_same_prompts,
+from divscope.samples import PromptSamples, Response, SampleSet, check_same_prompts
+from divscope.topk import (
+    Padded,
+    coarse_bounds_columns,
+    legacy_matrix,
+    mc_kl_terms,
+    positions_last,
 )
-from divscope.topk import Padded, coarse_bounds_columns, legacy_matrix, mc_kl_terms
 
 BASE_METRICS = ("mc_kl", "topk_kl_lb", "topk_js_lb", "legacy_aligned")
 ALL_METRICS = tuple(f"{m}{s}" for m in BASE_METRICS for s in ("", "_ab", "_ba"))
@@ -158,7 +158,7 @@ def coarse_sums(
             cols = [
                 x
                 for s in ([g.scores for g in group], [g.cross[other].scores for g in group])
-                for x in _positions_last(s)
+                for x in positions_last(s)
             ]
             kl, js = coarse_bounds_columns(*cols)
             ok = ~np.isnan(kl)
@@ -170,23 +170,6 @@ def coarse_sums(
                 out[id(g)] = (float(a), float(b), int(c))
             group, size = [], 0
     return out
-
-
-def _positions_last(scores: list[TokenScores]) -> tuple[np.ndarray, np.ndarray]:
-    """Sampled token then top-k of several responses: ids and logprobs ``(1 + K, T)``."""
-    k = max(s.top_ids.shape[1] for s in scores)
-    n = sum(len(s) for s in scores)
-    ids = np.full((1 + k, n), -1, dtype=np.int64)
-    lps = np.full((1 + k, n), -np.inf)
-    at = 0
-    for s in scores:
-        m, kk = len(s), s.top_ids.shape[1]
-        ids[0, at : at + m] = s.ids
-        lps[0, at : at + m] = s.logprobs
-        ids[1 : 1 + kk, at : at + m] = s.top_ids.T
-        lps[1 : 1 + kk, at : at + m] = s.top_logprobs.T
-        at += m
-    return ids, lps
 
 
 def _direction_terms(

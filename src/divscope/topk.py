@@ -57,10 +57,21 @@ def mc_kl_terms(p: TokenScores, q: TokenScores, aligned: bool, n_bytes: int) -> 
     return float(p.logprobs.sum() - q.logprobs.sum()), n_bytes
 
 
-def known_entries(s: TokenScores) -> tuple[np.ndarray, np.ndarray]:
-    """Sampled token + top-k per position: ids and logprobs, ``(T, 1 + K)`` each."""
-    ids = np.concatenate([s.ids[:, None], s.top_ids], axis=1)
-    lps = np.concatenate([s.logprobs[:, None], s.top_logprobs], axis=1)
+def positions_last(scores: list[TokenScores]) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled token then top-k of one or more responses, their positions concatenated:
+    ids ``(1 + K, T)`` (-1 padded) and logprobs ``(1 + K, T)`` (-inf padded)."""
+    k = max(s.top_ids.shape[1] for s in scores)
+    n = sum(len(s) for s in scores)
+    ids = np.full((1 + k, n), -1, dtype=np.int64)
+    lps = np.full((1 + k, n), -np.inf)
+    at = 0
+    for s in scores:
+        m, kk = len(s), s.top_ids.shape[1]
+        ids[0, at : at + m] = s.ids
+        lps[0, at : at + m] = s.logprobs
+        ids[1 : 1 + kk, at : at + m] = s.top_ids.T
+        lps[1 : 1 + kk, at : at + m] = s.top_logprobs.T
+        at += m
     return ids, lps
 
 
@@ -72,10 +83,17 @@ def _dedupe(ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def _coarse_columns(
+def coarse_bounds_columns(
     p_ids: np.ndarray, p_lps: np.ndarray, q_ids: np.ndarray, q_lps: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`coarse_bounds` on position-last arrays ``(K, T)`` (long inner loops)."""
+    """:func:`coarse_bounds` on :func:`positions_last` arrays ``(1 + K, T)``.
+
+    Positions last keeps numpy's inner loops long; the positions of many responses can be
+    scored in one call.
+
+    Returns:
+        ``(kl, js)``, each ``(T,)``, nats; NaN where a sampled token's logprob is missing.
+    """
     p_ids = _dedupe(p_ids).astype(np.int32)
     q_ids = _dedupe(q_ids).astype(np.int32)
     p_ids[p_ids < 0] = -2  # never equal to Q's -1
@@ -102,44 +120,6 @@ def _coarse_columns(
         js = 0.5 * (
             np.where(p > 0, p * (lp_all - lm), 0.0) + np.where(q > 0, q * (lq_all - lm), 0.0)
         ).sum(0)
-    return kl, js
-
-
-def coarse_bounds_arrays(
-    p_ids: np.ndarray,
-    p_lps: np.ndarray,
-    q_ids: np.ndarray,
-    q_lps: np.ndarray,
-    chunk: int = 2048,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`coarse_bounds` on stacked arrays, for many responses at once.
-
-    Args:
-        p_ids: ``(T, 1 + K)`` P's sampled token id then its top-k ids (-1 padded), as from
-            :func:`known_entries`; positions of several responses may be concatenated.
-        p_lps: ``(T, 1 + K)`` their logprobs (-inf padded; NaN in column 0 where missing).
-        q_ids: ``(T, 1 + K')`` the same for Q's aligned scores.
-        q_lps: ``(T, 1 + K')``.
-        chunk: Positions per step (keeps the ``(K, K', chunk)`` comparison in cache).
-
-    Returns:
-        ``(kl, js)``, each ``(T,)``, nats; NaN where a sampled token's logprob is missing.
-    """
-    n = len(p_ids)
-    kl, js = np.empty(n), np.empty(n)
-    for t0 in range(0, n, chunk):
-        part = slice(t0, t0 + chunk)
-        kl[part], js[part] = coarse_bounds_columns(
-            *(np.ascontiguousarray(x[part].T) for x in (p_ids, p_lps, q_ids, q_lps))
-        )
-    return kl, js
-
-
-def coarse_bounds_columns(
-    p_ids: np.ndarray, p_lps: np.ndarray, q_ids: np.ndarray, q_lps: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`coarse_bounds_arrays` on position-last arrays ``(1 + K, T)`` (no chunking)."""
-    kl, js = _coarse_columns(p_ids, p_lps, q_ids, q_lps)
     missing = np.isnan(p_lps[0]) | np.isnan(q_lps[0])
     kl = np.where(missing, np.nan, np.maximum(kl, 0.0))
     js = np.where(missing, np.nan, np.clip(js, 0.0, LN2))
@@ -161,7 +141,7 @@ def coarse_bounds(p: TokenScores, q: TokenScores) -> tuple[np.ndarray, np.ndarra
     Returns:
         ``(kl, js)``, each of shape ``(T,)``, in nats; NaN where a logprob is missing.
     """
-    return coarse_bounds_arrays(*known_entries(p), *known_entries(q))
+    return coarse_bounds_columns(*positions_last([p]), *positions_last([q]))
 
 
 @dataclass
