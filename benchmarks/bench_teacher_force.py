@@ -100,16 +100,13 @@ def flops(model: torch.nn.Module, tokens: int, scored: int) -> float:
     return 2 * non_emb * tokens + 2 * head.shape[0] * head.shape[1] * scored
 
 
-def _timed(fn, *args, **kwargs) -> tuple[float, float, object, dict[str, float]]:
-    """Seconds, peak extra RSS (MB), result and profile of one call."""
-    prof: dict[str, float] = {}
-    if "profile" in kwargs:
-        kwargs["profile"] = prof
+def _timed(fn, *args, **kwargs) -> tuple[float, float, object]:
+    """Seconds, peak extra RSS (MB) and result of one call."""
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         seconds = time.perf_counter() - t0
-    return seconds, mem.extra_mb, out, prof
+    return seconds, mem.extra_mb, out
 
 
 def run(personas: list[int], lengths: list[int], dtype: str, reps: int) -> dict:
@@ -132,12 +129,13 @@ def run(personas: list[int], lengths: list[int], dtype: str, reps: int) -> dict:
             headline = (n, t) == HEADLINE
             for _ in range(max(reps, 5) if headline else reps):
                 peak = max(peak, matmul_peak(dt, reps=2))
-                s, mem, u, prof = _timed(
-                    teacher_force, model, prompts, response, 0, head=head, profile=True
+                prof: dict[str, float] = {}
+                s, mem, u = _timed(
+                    teacher_force, model, prompts, response, 0, head=head, profile=prof
                 )
                 if s < fast:
                     fast, mem_fast, prof_fast = s, mem, prof
-                s, mem, ref, _ = _timed(naive, model, prompts, response, 0)
+                s, mem, ref = _timed(naive, model, prompts, response, 0)
                 if s < slow:
                     slow, mem_slow = s, mem
             diff = max(

@@ -76,8 +76,7 @@ class _Block:
             m, kk = len(s), s.top_ids.shape[1]
             out["ids"][at : at + m] = local[s.ids]
             out["logprobs"][at : at + m] = s.logprobs
-            top = s.top_ids[:, :kk]
-            out["top_ids"][at : at + m, :kk] = np.where(top >= 0, local[np.maximum(top, 0)], -1)
+            out["top_ids"][at : at + m, :kk] = local[s.top_ids]  # -1 (padding) reads -1
             out["top_logprobs"][at : at + m, :kk] = s.top_logprobs
             if s.token_ids is not None:
                 out["token_ids"][at : at + m] = s.token_ids
@@ -100,8 +99,8 @@ def write_samples_packed(samples: SampleSet, path: str | Path, *, overwrite: boo
     from divscope.runmeta import atomic_write
 
     strings = samples.vocab.strings
-    used = sorted(strings)  # vocab ids -> a dense local table
-    local = np.full(max(used, default=-1) + 1, -1, np.int64)
+    used = sorted(strings)  # vocab ids -> a dense local table; its last entry stays -1
+    local = np.full(max(used, default=-1) + 2, -1, np.int64)
     local[used] = np.arange(len(used))
     blocks: dict[str, _Block] = {"own": _Block()}
     records = []

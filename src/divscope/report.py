@@ -69,6 +69,11 @@ class ReportError(ValueError):
 # ---------------------------------------------------------------------------- building blocks
 
 
+def _category_rows(summary: list[dict[str, Any]]) -> list[list[Any]]:
+    """Table rows of a category summary (``divscope.summary.category_means`` rows)."""
+    return [[c["category"], c["n"], c["mean"], c["ci_low"], c["ci_high"]] for c in summary]
+
+
 def _fmt(v: Any, digits: int = 4) -> str:
     if v is None:
         return "–"
@@ -259,10 +264,7 @@ def _ranking_report(run: Path, page: Page) -> None:
         page.heading("By category")
         page.table(
             ["category", "n", "mean", "ci low", "ci high"],
-            [
-                [c["category"], c["n"], c["mean"], c["ci_low"], c["ci_high"]]
-                for c in category_summary(r)
-            ],
+            _category_rows(category_summary(r)),
             table_id="categories",
         )
         page.figure("category_means", plots.category_means(r), f"mean {m} per category")
@@ -411,10 +413,7 @@ def _persona_report(run: Path, page: Page) -> None:
         page.heading("By question category")
         page.table(
             ["category", "questions", "mean JS", "ci low", "ci high"],
-            [
-                [c["category"], c["n"], c["mean"], c["ci_low"], c["ci_high"]]
-                for c in category_means(by_cat)
-            ],
+            _category_rows(category_means(by_cat)),
             table_id="qcategories",
         )
     page.heading("Heatmaps")
