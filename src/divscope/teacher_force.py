@@ -65,11 +65,25 @@ def output_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def fp32_logits(
-    h: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None, float | None]
+    h: torch.Tensor,
+    head: tuple[torch.Tensor, torch.Tensor | None, float | None],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 logits ``(..., V)`` of hidden states ``(..., H)`` (final softcap applied)."""
+    """fp32 logits ``(..., V)`` of hidden states ``(..., H)`` (final softcap applied).
+
+    ``out``: a buffer of at least ``h.numel() // H * V`` fp32 elements to write into (reused
+    across calls it saves the page faults of a fresh large allocation each time).
+    """
     w, b, cap = head
-    logits = F.linear(h.float(), w, b)
+    if out is None:
+        logits = F.linear(h.float(), w, b)
+    else:
+        rows = h.reshape(-1, h.shape[-1]).float()
+        logits = out[: rows.shape[0] * w.shape[0]].view(rows.shape[0], w.shape[0])
+        torch.mm(rows, w.t(), out=logits)
+        if b is not None:
+            logits += b
+        logits = logits.view(*h.shape[:-1], w.shape[0])
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
@@ -101,6 +115,175 @@ def pad_right(
     return ids.to(device), mask.to(device), pos.to(device)
 
 
+@dataclass
+class PromptKV:
+    """Every persona's prompt for one question, run once, for all the responses to it.
+
+    Each persona's rendered prompt is the same for every response to a question, so its
+    keys and values are computed once (:func:`prompt_kv`) and each teacher-forcing pass runs
+    only the response tokens against them (for N personas answering, N prompt passes instead
+    of N²). Memory: one key and one value vector per layer, prompt token and persona.
+
+    Attributes:
+        keys: Per layer ``(N, kv_heads, L, head_dim)``, right padded to the longest prompt L.
+        values: Per layer, like ``keys``.
+        last: ``(N, H)`` final hidden state at each prompt's last position (the one that
+            predicts a response's first token).
+        lengths: ``(N,)`` prompt lengths (long).
+        prompts: The prompt ids (to check that they are the ones being scored).
+        layers: The ``hidden_states`` indices of ``hidden``, or None.
+        hidden: ``(N, n_layers, H)`` fp32 hidden states at ``layers`` at the last prompt
+            position, or None.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    last: torch.Tensor
+    lengths: torch.Tensor
+    prompts: list[list[int]]
+    layers: list[int] | None = None
+    hidden: np.ndarray | None = None
+
+
+def _sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window of the model's sliding-window layers, or None if it has none."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    sliding = "sliding_attention" in types if types else getattr(cfg, "use_sliding_window", True)
+    return window if window and sliding else None
+
+
+def reuses_prompt_kv(model: torch.nn.Module, total_length: int) -> bool:
+    """Whether responses can run against cached prompt keys/values up to ``total_length``
+    (prompt + response) tokens: always, unless sliding-window layers would have to drop some
+    (padded cache slots then shift the window; the full forward is used instead)."""
+    window = _sliding_window(model)
+    return window is None or total_length < window
+
+
+@torch.no_grad()
+def prompt_kv(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    layers: list[int] | None = None,
+    persona_batch: int | None = PERSONA_BATCH,
+    pad_id: int = 0,
+) -> PromptKV | None:
+    """Run each prompt once (right padded batches) and keep its keys, values and last state.
+
+    Returns None when the model's sliding window is too short to keep whole prompts (see
+    :func:`reuses_prompt_kv`); :func:`teacher_force` then runs prompt and response together.
+
+    Args:
+        model: A causal LM (eval mode).
+        prompts: N prompt id lists (generation prompt included).
+        layers: ``hidden_states`` indices to keep at the last prompt position, or None.
+        persona_batch: Prompts per forward pass (None: all at once).
+        pad_id: Padding id (any valid id; padded slots are never attended to).
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    body = decoder(model)
+    n, longest = len(prompts), max(len(p) for p in prompts)
+    if not reuses_prompt_kv(model, longest + 1):
+        return None
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    last = torch.zeros((n, model.config.hidden_size), dtype=model.dtype, device=device)
+    hidden = np.zeros((n, len(layers), model.config.hidden_size), np.float32) if layers else None
+    size = persona_batch or n
+    for start in range(0, n, size):
+        rows = list(range(start, min(n, start + size)))
+        ids, _, pos = pad_right([prompts[i] for i in rows], pad_id, device)
+        out = body(
+            input_ids=ids,
+            position_ids=pos,
+            past_key_values=DynamicCache(config=model.config),
+            use_cache=True,
+            output_hidden_states=bool(layers),
+        )
+        cache = out.past_key_values
+        for li, layer in enumerate(cache.layers):
+            if not keys or li >= len(keys):
+                shape = (n, layer.keys.shape[1], longest, layer.keys.shape[3])
+                keys.append(layer.keys.new_zeros(shape))
+                values.append(layer.values.new_zeros(shape))
+            keys[li][start : start + len(rows), :, : ids.shape[1]] = layer.keys
+            values[li][start : start + len(rows), :, : ids.shape[1]] = layer.values
+        at = lengths[rows] - 1
+        sel = torch.arange(len(rows), device=device)
+        last[rows] = out.last_hidden_state[sel, at]
+        if layers:
+            for k, layer in enumerate(layers):
+                hidden[rows, k] = out.hidden_states[layer][sel, at].float().cpu().numpy()
+    prompts = [list(p) for p in prompts]
+    return PromptKV(keys, values, last, lengths, prompts, list(layers) if layers else None, hidden)
+
+
+def _response_states_from_kv(
+    model: torch.nn.Module, kv: PromptKV, rows: list[int], response: list[int]
+) -> torch.Tensor:
+    """Final hidden states ``(B, T, H)`` that predict ``response`` after each prompt in
+    ``rows``, running only the response tokens against the cached prompt keys/values."""
+    from transformers import DynamicCache
+
+    device = kv.last.device
+    sel = torch.tensor(rows, device=device)
+    first = kv.last[sel][:, None]  # the last prompt position predicts the first token
+    t = len(response)
+    if t == 1:
+        return first
+    lengths = kv.lengths[sel]
+    lp = int(lengths.max())
+    cache = DynamicCache(config=model.config)
+    for li, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
+        cache.update(k[sel, :, :lp], v[sel, :, :lp], li)
+    # padded prompt slots are masked; the response tokens sit after the longest prompt in
+    # the cache but keep their true positions
+    mask = torch.ones((len(rows), lp + t - 1), dtype=torch.long, device=device)
+    mask[:, :lp] = torch.arange(lp, device=device)[None, :] < lengths[:, None]
+    pos = lengths[:, None] + torch.arange(t - 1, device=device)[None, :]
+    ids = torch.tensor(response[:-1], device=device).expand(len(rows), -1)
+    out = decoder(model)(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+    )
+    return torch.cat([first, out.last_hidden_state], 1)
+
+
+def _response_states(
+    body: torch.nn.Module,
+    prompts: list[list[int]],
+    response: list[int],
+    layers: list[int] | None,
+    pad_id: int,
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Final hidden states ``(B, T, H)`` that predict ``response`` after each prompt (one
+    right-padded forward over prompt + response), and the hidden states at ``layers`` at the
+    last prompt position (``(B, n_layers, H)`` or None)."""
+    device = next(body.parameters()).device
+    t = len(response)
+    ids, _, pos = pad_right([p + response for p in prompts], pad_id, device)
+    # Right padding: under the causal mask every real token only sees real tokens before
+    # it, so no padding mask is needed (and the fast causal attention path is taken);
+    # padded positions are never read.
+    out = body(input_ids=ids, position_ids=pos, use_cache=False, output_hidden_states=bool(layers))
+    plen = torch.tensor([len(p) for p in prompts], device=device)
+    idx = plen[:, None] - 1 + torch.arange(t, device=device)[None, :]  # (B, T)
+    h = out.last_hidden_state
+    states = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))
+    hidden = None
+    if layers:
+        rows = torch.arange(len(prompts), device=device)
+        hidden = np.stack(
+            [out.hidden_states[k][rows, plen - 1].float().cpu().numpy() for k in layers], 1
+        )
+    return states, hidden
+
+
 @torch.no_grad()
 def teacher_force(
     model: torch.nn.Module,
@@ -114,6 +297,7 @@ def teacher_force(
     pad_id: int = 0,
     head: tuple[torch.Tensor, torch.Tensor | None, float | None] | None = None,
     profile: dict[str, float] | None = None,
+    kv: PromptKV | None = None,
 ) -> UnitScores:
     """Score ``response`` (token ids) under every prompt in ``prompts`` against ``generator``.
 
@@ -132,6 +316,9 @@ def teacher_force(
         head: Precomputed :func:`output_head` (recomputed when None).
         profile: If given, seconds spent in "forward", "logits" (output projection) and
             "divergence" (log-softmax and the divergences, fused) are added.
+        kv: :func:`prompt_kv` of these ``prompts`` (with these ``layers``): only the response
+            tokens are run, against the cached prompts (used unless the model's sliding
+            window is shorter than prompt + response, see :func:`reuses_prompt_kv`).
 
     Returns:
         :class:`UnitScores` with values for every persona (0 at ``generator``).
@@ -151,23 +338,26 @@ def teacher_force(
     out_js, out_kf, out_kr = np.zeros(n), np.zeros(n), np.zeros(n)
     hidden = np.zeros((n, len(layers), model.config.hidden_size), np.float32) if layers else None
     h_gen = None
+    if kv is not None:
+        if kv.prompts != [list(p) for p in prompts]:
+            raise ValueError("kv was built from other prompts than the ones being scored")
+        if layers and kv.layers != list(layers):
+            raise ValueError(f"kv holds hidden states at layers {kv.layers}, not {layers}")
+        if not reuses_prompt_kv(model, int(kv.lengths.max()) + t):
+            kv = None
+        elif layers:
+            hidden = kv.hidden.copy()
     for start in range(0, n, size):
         chunk = order[start : start + size]
         t_fwd = time.perf_counter()
-        ids, _, pos = pad_right([prompts[i] + response for i in chunk], pad_id, device)
-        # Right padding: under the causal mask every real token only sees real tokens before
-        # it, so no padding mask is needed (and the fast causal attention path is taken);
-        # padded positions are never read.
-        out = body(
-            input_ids=ids,
-            position_ids=pos,
-            use_cache=False,
-            output_hidden_states=bool(layers),
-        )
-        plen = torch.tensor([len(prompts[i]) for i in chunk], device=device)
-        idx = plen[:, None] - 1 + torch.arange(t, device=device)[None, :]  # (B, T)
-        h = out.last_hidden_state
-        h_resp = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # (B, T, H)
+        if kv is not None:
+            h_resp = _response_states_from_kv(model, kv, chunk, response)
+        else:
+            h_resp, at_layers = _response_states(
+                body, [prompts[i] for i in chunk], response, layers, pad_id
+            )
+            if layers:
+                hidden[chunk] = at_layers
         if h_gen is None:
             h_gen = h_resp[0]  # the generator comes first in `order`
         sums = torch.zeros((3, len(chunk)), dtype=torch.float64, device=device)
@@ -175,12 +365,18 @@ def teacher_force(
         t_div = 0.0
         b = len(chunk)
         step = position_chunk or max(-(-MIN_HEAD_ROWS // b), LOGIT_BUDGET // (b * head[0].shape[0]))
+        vocab = head[0].shape[0]
+        buf = torch.empty((b + (start > 0)) * min(step, t) * vocab, device=device)
         for t0 in range(0, t, step):
             # contiguous rows: a strided 3-d input makes the projection several times slower
             rows = h_resp[:, t0 : t0 + step].reshape(-1, h_resp.shape[-1])
-            x_o = fp32_logits(rows, head).view(b, -1, head[0].shape[0])  # (B, t, V)
+            x_o = fp32_logits(rows, head, buf).view(b, -1, vocab)  # (B, t, V)
             # the generator is row 0 of the first batch; later batches recompute its row
-            x_g = x_o[:1] if start == 0 else fp32_logits(h_gen[None, t0 : t0 + step], head)
+            x_g = (
+                x_o[:1]
+                if start == 0
+                else fp32_logits(h_gen[None, t0 : t0 + step], head, buf[x_o.numel() :])
+            )
             t_d = time.perf_counter()
             sums += js_and_kls_sums_from_logits(x_g, x_o)  # (3, B), float64
             t_div += time.perf_counter() - t_d
@@ -192,13 +388,6 @@ def teacher_force(
         means = (sums / t).cpu().numpy()
         for j, i in enumerate(chunk):
             out_js[i], out_kf[i], out_kr[i] = means[:, j]
-        if layers:
-            hs = out.hidden_states
-            rows = torch.arange(len(chunk), device=device)
-            for k, layer in enumerate(layers):
-                vec = hs[layer][rows, plen - 1].float().cpu().numpy()
-                for j, i in enumerate(chunk):
-                    hidden[i, k] = vec[j]
     out_js[generator] = out_kf[generator] = out_kr[generator] = 0.0  # same row: exactly 0
     return UnitScores(out_js, out_kf, out_kr, t, hidden)
 
