@@ -122,10 +122,15 @@ def test_persona_batches_and_position_chunks_agree_with_brute_force(smol, genera
         assert (np.delete(got[:, 0], generator) > 1e-5).all()
 
 
-def test_prompt_kv_reuse_matches_full_forward(smol):
-    """Responses run against each persona's cached prompt give the one-forward values, for
-    every response to the question, with hidden states; a one-token response needs no pass."""
+@pytest.mark.parametrize("answer_chunk", [256, 3])
+def test_prompt_kv_reuse_matches_full_forward(smol, answer_chunk, monkeypatch):
+    """Responses run against each persona's cached prompt (in one pass, or in passes of 3
+    tokens) give the one-forward values, for every response to the question, with hidden
+    states; a one-token response needs no pass."""
+    import divscope.teacher_force as tf
     from divscope.teacher_force import teacher_force
+
+    monkeypatch.setattr(tf, "ANSWER_CHUNK", answer_chunk)
 
     model, tok = smol
     renderer = PromptRenderer(tok)
