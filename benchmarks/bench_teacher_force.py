@@ -12,9 +12,10 @@ generator. Two paths, same numbers:
   with right padding, only the response tokens run against the cached prompts, output
   projection only at response positions in fp32, fused divergence).
 
-The sweep (personas 4/8/16 x response length 32/128/512) uses A = 2 responses per question;
-the headline is a whole question, 8 personas each answering once (A = 8, 64 sequences), also
-timed (once) without prompt reuse. Reported: seconds, tokens/s (the workload's tokens: every
+The sweep (personas 4/8/16 x response length 32/128/512) scores one response per question
+(A = 1: the cost per answer, the prompts run for it alone; A = 2 would make `make bench` take
+over 20 minutes on a slow day); the headline is a whole question, 8 personas each answering
+once (A = 8, 64 sequences), also timed (once) without prompt reuse. Reported: seconds, tokens/s (the workload's tokens: every
 (response, persona) sequence), achieved FLOP/s (2 x non-embedding parameters x tokens the
 scorer runs + 2 x hidden x vocab per scored position) as a fraction of a matmul peak measured
 in the same run at the same dtype, the divergence's share of the scorer's time, peak extra
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--dtype", default="float32", help="float32: the sweep; bfloat16: bf16 vs fp32 check"
     )
-    ap.add_argument("--answers", type=int, default=2, help="responses per question (sweep)")
+    ap.add_argument("--answers", type=int, default=1, help="responses per question (sweep)")
     ap.add_argument("--reps", type=int, default=1, help="sweep: best of this many")
     ap.add_argument("--headline-reps", type=int, default=2, help="headline: best of this many")
     ap.add_argument("--out", default=None)
