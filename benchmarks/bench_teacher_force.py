@@ -15,11 +15,11 @@ generator. Two paths, same numbers:
 The sweep (personas 4/8/16 x response length 32/128/512) scores one response per question
 (A = 1: the cost per answer, the prompts run for it alone; A = 2 would make `make bench` take
 over 20 minutes on a slow day); the headline is a whole question, 8 personas each answering
-once (A = 8, 64 sequences), also timed (once) without prompt reuse. Reported: seconds, tokens/s (the workload's tokens: every
-(response, persona) sequence), achieved FLOP/s (2 x non-embedding parameters x tokens the
-scorer runs + 2 x hidden x vocab per scored position) as a fraction of a matmul peak measured
-in the same run at the same dtype, the divergence's share of the scorer's time, peak extra
-memory (RSS), and the max abs difference.
+once (A = 8, 64 sequences), also timed (once) without prompt reuse. Reported: seconds,
+tokens/s (the workload's tokens: every (response, persona) sequence), achieved FLOP/s (2 x
+non-embedding parameters x tokens the scorer runs + 2 x hidden x vocab per scored position)
+as a fraction of a matmul peak measured in the same run at the same dtype, the divergence's
+share of the scorer's time, peak extra memory (RSS), and the max abs difference.
 """
 
 from __future__ import annotations
@@ -162,8 +162,7 @@ def measure(model, head, prompts, responses, reps: int, peak_fn, without_kv: boo
         if s < best["naive"]:
             best["naive"], mem["naive"] = s, m
         if without_kv and best["no_kv"] == float("inf"):  # once: it only shows the gain
-            s, m, _ = _timed(scorer, model, prompts, responses, head, None, False)
-            best["no_kv"] = s
+            best["no_kv"] = _timed(scorer, model, prompts, responses, head, None, False)[0]
     diff = max(
         max(abs(u.js[i] - r[0]), abs(u.kl_fwd[i] - r[1]), abs(u.kl_rev[i] - r[2]))
         for u, rows in zip(units, ref, strict=True)
@@ -259,8 +258,8 @@ def bf16_check(reps: int, n: int = 8, t: int = 128) -> dict:
     models = {d: load_model("smollm2-135m-instruct", dtype=d) for d in ("float32", "bfloat16")}
     tok = models["float32"][1]
     renderer = PromptRenderer(tok)
-    question = load_questions("data/questions/eval20.yaml", 1)[0]
-    prompts = [renderer.prompt_ids(p, question) for p in load_personas(PERSONAS_FILE, 6)]
+    first = load_questions("data/questions/eval20.yaml", 1)[0]
+    prompts = [renderer.prompt_ids(p, first) for p in load_personas(PERSONAS_FILE, 6)]
     response = tok(RESPONSE, add_special_tokens=False)["input_ids"]
     vals = {}
     for d, (model, _) in models.items():
@@ -269,8 +268,7 @@ def bf16_check(reps: int, n: int = 8, t: int = 128) -> dict:
     rel = np.abs(vals["bfloat16"] - vals["float32"]) / vals["float32"]
 
     gen = torch.Generator().manual_seed(0)
-    synth = [torch.randint(0, 49152, (40 + i,), generator=gen).tolist() for i in range(n)]
-    resp = torch.randint(0, 49152, (t,), generator=gen).tolist()
+    synth, [(_, resp)] = question(n, t, 1, gen)
     tokens = sum(len(p) + t for p in synth)
     best = {d: float("inf") for d in models}
     peak = {"float32": 0.0, "bfloat16": 0.0}

@@ -279,6 +279,7 @@ def run_personas(
     tokens_scored = 0
     with tqdm(total=n * n_q, desc="teacher forcing", unit="resp", disable=not progress) as bar:
         for q in range(n_q):
+            prompts_q = [prompt_ids[o][q] for o in range(len(all_personas))]
             kv: PromptKV | None = None  # the question's prompts, run once when first needed
             kv_built = False
             for g in range(n):
@@ -286,7 +287,7 @@ def run_personas(
                 want_hidden = g == 0
                 ukey = _hash(
                     {
-                        "prompts": [prompt_ids[o][q] for o in range(len(all_personas))],
+                        "prompts": prompts_q,
                         "response": resp,
                         "generator": g,
                         "hidden": want_hidden,
@@ -310,7 +311,6 @@ def run_personas(
                         f"question {questions[q].id!r}"
                     )
                 else:
-                    prompts_q = [prompt_ids[o][q] for o in range(len(all_personas))]
                     if not kv_built:
                         kv = prompt_kv(
                             model, prompts_q, layers=layers, persona_batch=persona_batch, pad_id=pad

@@ -217,7 +217,7 @@ def prompt_kv(
         )
         cache = out.past_key_values
         for li, layer in enumerate(cache.layers):
-            if not keys or li >= len(keys):
+            if start == 0:
                 shape = (n, layer.keys.shape[1], longest, layer.keys.shape[3])
                 keys.append(layer.keys.new_zeros(shape))
                 values.append(layer.values.new_zeros(shape))
@@ -261,11 +261,11 @@ def _response_states_from_kv(
     mask[:, :lp] = torch.arange(lp, device=device)[None, :] < lengths[:, None]
     pos = lengths[:, None] + torch.arange(t - 1, device=device)[None, :]
     ids = torch.tensor(response[:-1], device=device).expand(len(rows), -1)
+    body = decoder(model)
     states = [first]
-    step = ANSWER_CHUNK
-    for c0 in range(0, t - 1, step):
-        c1 = min(t - 1, c0 + step)
-        out = decoder(model)(
+    for c0 in range(0, t - 1, ANSWER_CHUNK):
+        c1 = min(t - 1, c0 + ANSWER_CHUNK)
+        out = body(
             input_ids=ids[:, c0:c1],
             attention_mask=mask[:, : lp + c1],
             position_ids=pos[:, c0:c1],
@@ -358,7 +358,6 @@ def teacher_force(
     )
     size = persona_batch or n
     out_js, out_kf, out_kr = np.zeros(n), np.zeros(n), np.zeros(n)
-    hidden = np.zeros((n, len(layers), model.config.hidden_size), np.float32) if layers else None
     h_gen = None
     if kv is not None:
         if kv.prompts != [list(p) for p in prompts]:
@@ -367,8 +366,12 @@ def teacher_force(
             raise ValueError(f"kv holds hidden states at layers {kv.layers}, not {layers}")
         if not reuses_prompt_kv(model, int(kv.lengths.max()) + t):
             kv = None
-        elif layers:
-            hidden = kv.hidden.copy()
+    if not layers:
+        hidden = None
+    elif kv is not None:
+        hidden = kv.hidden.copy()
+    else:
+        hidden = np.zeros((n, len(layers), model.config.hidden_size), np.float32)
     for start in range(0, n, size):
         chunk = order[start : start + size]
         t_fwd = time.perf_counter()
@@ -423,9 +426,5 @@ def response_logprobs(
 ) -> torch.Tensor:
     """fp32 log-probabilities ``(T, V)`` of the model's next-token distributions at the
     positions that predict ``response`` after ``prompt`` (teacher-forced, one sequence)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt + response], device=device)
-    h = decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
-    return fp32_logprobs(
-        h[len(prompt) - 1 : len(prompt) - 1 + len(response)], head or output_head(model)
-    )
+    states, _ = _response_states(decoder(model), [prompt], response, None, pad_id=0)
+    return fp32_logprobs(states[0], head or output_head(model))
