@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, write_result
+from benchmarks.common import PeakRSS, machine_info, write_result
 from divscope.divergence import js_and_kls
 from divscope.models import load_model
 from divscope.teacher_force import PERSONA_BATCH, output_head, prompt_kv, teacher_force
@@ -56,32 +55,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
         a @ b
         best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
-
-
-class PeakRSS:
-    """Samples the process's RSS in a thread; ``extra_mb`` is the peak above the start."""
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = self._rss()
-        self._stop = False
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    @staticmethod
-    def _rss() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2**20
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._t.join()
-        self.extra_mb = self.peak - self.start
 
 
 @torch.no_grad()
