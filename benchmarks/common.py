@@ -5,11 +5,30 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from divscope.runmeta import atomic_write_text, git_commit
+
+RESULTS = "benchmarks/results"
+
+
+def _code_commit() -> str | None:
+    """The commit benchmarked, ``-dirty`` only if files other than the results differ (each
+    benchmark of a ``make bench`` run rewrites its result file before the next one starts)."""
+    sha = git_commit()
+    if sha and sha.endswith("-dirty"):
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        if not changed:
+            sha = sha.removesuffix("-dirty")
+    return sha
 
 
 def machine_info() -> dict[str, Any]:
@@ -22,7 +41,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "git_commit": git_commit(),
+        "git_commit": _code_commit(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:

@@ -157,6 +157,25 @@ def test_prompt_kv_reuse_matches_full_forward(smol, answer_chunk, monkeypatch):
         teacher_force(model, prompts, [1, 2], 0, layers=[5], kv=kv)
 
 
+def test_prompt_kv_respects_its_memory_budget(smol, monkeypatch):
+    """The cache size formula matches the tensors built; over the budget none is built."""
+    import divscope.teacher_force as tf
+
+    model, tok = smol
+    renderer = PromptRenderer(tok)
+    prompts = [
+        renderer.prompt_ids(p, load_questions(QUESTIONS, 1)[0]) for p in load_personas(PERSONAS, 3)
+    ]
+    kv = tf.prompt_kv(model, prompts)
+    held = sum(k.nbytes + v.nbytes for k, v in zip(kv.keys, kv.values, strict=True))
+    need = tf.prompt_kv_bytes(model, len(prompts) * max(len(p) for p in prompts))
+    assert need == held
+    monkeypatch.setattr(tf, "PROMPT_KV_BUDGET", need)
+    assert tf.prompt_kv(model, prompts) is not None
+    monkeypatch.setattr(tf, "PROMPT_KV_BUDGET", need - 1)
+    assert tf.prompt_kv(model, prompts) is None
+
+
 @pytest.mark.parametrize("window", [6, 64])
 def test_prompt_kv_with_sliding_window_layers(window):
     """A Gemma-3 architecture (random weights) whose sliding-window layers mask tokens (window
@@ -164,7 +183,7 @@ def test_prompt_kv_with_sliding_window_layers(window):
     no window would cut, and every path gives the brute-force values."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from divscope.teacher_force import reuses_prompt_kv, teacher_force
+    from divscope.teacher_force import prompt_kv_bytes, reuses_prompt_kv, teacher_force
 
     torch.manual_seed(0)
     cfg = Gemma3TextConfig(
@@ -185,6 +204,9 @@ def test_prompt_kv_with_sliding_window_layers(window):
     ref = _brute(model, prompts, response, 1)
     kv = prompt_kv(model, prompts, persona_batch=2)
     assert (kv is not None) == (window == 64)  # prompts of 8-12 tokens do not fit in 6
+    if kv is not None:
+        held = sum(k.nbytes + v.nbytes for k, v in zip(kv.keys, kv.values, strict=True))
+        assert held == prompt_kv_bytes(model, 3 * 12)
     for k in (None, kv):
         u = teacher_force(model, prompts, response, 1, persona_batch=2, kv=k)
         np.testing.assert_allclose(np.stack([u.js, u.kl_fwd, u.kl_rev], 1), ref, atol=2e-5)

@@ -42,6 +42,10 @@ MIN_HEAD_ROWS = 128
 # waste is bounded and activations stay smaller (8 x 512 tokens on 2 CPU cores: 7.5 s in one
 # pass, 6.3 s in chunks of 256, 6.8 s for the one-forward path).
 ANSWER_CHUNK = 256
+# Bytes of cached prompt keys/values a question may hold (all its personas' prompts): above
+# it the prompts are run with each response again (memory bounded by one persona batch).
+# SmolLM2-135M in fp32 keeps 45 KiB per prompt token: 112 personas x 100 tokens = 0.5 GiB.
+PROMPT_KV_BUDGET = 2**31
 
 
 @dataclass
@@ -163,6 +167,15 @@ def _sliding_window(model: torch.nn.Module) -> int | None:
     return window if window and sliding else None
 
 
+def prompt_kv_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """Bytes of keys and values that ``tokens`` cached prompt positions take (all layers)."""
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    item = torch.finfo(model.dtype).bits // 8
+    return 2 * cfg.num_hidden_layers * heads * head_dim * item * tokens
+
+
 def reuses_prompt_kv(model: torch.nn.Module, total_length: int) -> bool:
     """Whether responses can run against cached prompt keys/values up to ``total_length``
     (prompt + response) tokens: always, unless sliding-window layers would have to drop some
@@ -183,7 +196,9 @@ def prompt_kv(
     """Run each prompt once (right padded batches) and keep its keys, values and last state.
 
     Returns None when the model's sliding window is too short to keep whole prompts (see
-    :func:`reuses_prompt_kv`); :func:`teacher_force` then runs prompt and response together.
+    :func:`reuses_prompt_kv`) or the cache would exceed :data:`PROMPT_KV_BUDGET` bytes
+    (N prompts padded to the longest); :func:`teacher_force` then runs prompt and response
+    together.
 
     Args:
         model: A causal LM (eval mode).
@@ -198,6 +213,8 @@ def prompt_kv(
     body = decoder(model)
     n, longest = len(prompts), max(len(p) for p in prompts)
     if not reuses_prompt_kv(model, longest + 1):
+        return None
+    if prompt_kv_bytes(model, n * longest) > PROMPT_KV_BUDGET:
         return None
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     keys: list[torch.Tensor] = []
