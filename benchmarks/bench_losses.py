@@ -17,15 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import machine_info, write_result
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024
-    return float("nan")
+from benchmarks.common import machine_info, status_mb, write_result
 
 
 def child(variant: str, n: int, chunk: int) -> dict:
@@ -39,7 +31,7 @@ def child(variant: str, n: int, chunk: int) -> dict:
     hidden = torch.randn(n, h, requires_grad=True)
     weight = (torch.randn(v, h) * 0.02).requires_grad_(True)
     ref_h, ref_w = torch.randn(n, h), torch.randn(v, h) * 0.02
-    base = _rss_mb()
+    base = status_mb("VmRSS")
     t0 = time.perf_counter()
     if variant == "plain":
         loss = kl_divergence(hidden @ weight.T, ref_h @ ref_w.T)

@@ -5,30 +5,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from divscope.runmeta import atomic_write_text, git_commit
 
+# each benchmark of a `make bench` run rewrites its result file before the next one starts:
+# changes there do not make the benchmarked code dirty
 RESULTS = "benchmarks/results"
-
-
-def _code_commit() -> str | None:
-    """The commit benchmarked, ``-dirty`` only if files other than the results differ (each
-    benchmark of a ``make bench`` run rewrites its result file before the next one starts)."""
-    sha = git_commit()
-    if sha and sha.endswith("-dirty"):
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS}"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        if not changed:
-            sha = sha.removesuffix("-dirty")
-    return sha
 
 
 def machine_info() -> dict[str, Any]:
@@ -41,7 +26,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "git_commit": _code_commit(),
+        "git_commit": git_commit(ignore=(RESULTS,)),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
@@ -59,7 +44,7 @@ def write_result(path: Path, result: dict[str, Any]) -> Path:
     return atomic_write_text(path, json.dumps(result, indent=2) + "\n", overwrite=True)
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
     """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -79,8 +64,8 @@ class PeakRSS:
     def __enter__(self) -> PeakRSS:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        self.start = _status_mb("VmRSS")
+        self.start = status_mb("VmRSS")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.extra_mb = _status_mb("VmHWM") - self.start
+        self.extra_mb = status_mb("VmHWM") - self.start

@@ -54,8 +54,11 @@ def atomic_write_json(path: Path, obj: Any, *, overwrite: bool = False) -> Path:
     )
 
 
-def git_commit(cwd: Path | None = None) -> str | None:
-    """The current git commit (with ``-dirty`` when the tree has changes), or None."""
+def git_commit(cwd: Path | None = None, ignore: tuple[str, ...] = ()) -> str | None:
+    """The current git commit (with ``-dirty`` when tracked files have changes), or None.
+
+    ``ignore``: paths from the repository root whose changes do not count as dirty.
+    """
     try:
         cwd = cwd or Path.cwd()
         sha = subprocess.run(
@@ -67,7 +70,15 @@ def git_commit(cwd: Path | None = None) -> str | None:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":/",
+                *(f":(top,exclude){p}" for p in ignore),
+            ],
             cwd=cwd,
             capture_output=True,
             text=True,
