@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from divscope import plots
-from divscope.contributions import token_contributions
-from divscope.ranking import category_summary, rank_prompts
+from divscope.estimators.contributions import token_contributions
+from divscope.estimators.ranking import category_summary, rank_prompts
+from divscope.report import plots
 from divscope.runmeta import atomic_write_json, new_run_dir, run_metadata
 from divscope.samples import load_pair
 
@@ -181,7 +181,7 @@ atomic_write_json(run_dir / "metadata.json", meta)
 print(f"wrote {run_dir}/ranking.json and metadata.json; figures in {fig_dir}")
 
 # %% A self-contained HTML report of this run (tables, figures, token view with hover)
-from divscope.report import build_report
+from divscope.report.html import build_report
 
 report_path = build_report(run_dir, run_dir / "report.html")[0]
 print(f"report: {report_path.resolve()}")

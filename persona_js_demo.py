@@ -39,10 +39,10 @@ import pandas as pd
 from IPython.display import display
 from scipy.stats import spearmanr
 
-from divscope import persona_plots
-from divscope.models import load_model
-from divscope.persona_run import run_personas, write_outputs
-from divscope.personas import load_personas, load_questions
+from divscope.models.load import load_model
+from divscope.personas.data import load_personas, load_questions
+from divscope.personas.pipeline import run_personas, write_outputs
+from divscope.report import persona_plots
 from divscope.runmeta import new_run_dir
 
 pd.set_option("display.max_colwidth", 90)
@@ -169,7 +169,7 @@ rhos = {
 print("Spearman rho (JS vs centred cosine):", {k: round(float(v), 3) for k, v in rhos.items()})
 
 # %% Statistics: discrimination gate, redundancy with cosine (Mantel), per-question spread
-from divscope import stats
+from divscope.stats import analysis as stats
 
 mats, cosines = stats.matrices_from_result(result), stats.cosine_from_result(result)
 analysis = stats.analyze(
@@ -227,8 +227,8 @@ for name, check in result.checks.items():
 print(f"all checks ok: {result.checks['all_ok']}; results in {run_dir}, figures in {fig_dir}")
 
 # %% What changed for the farthest pairs, then a self-contained HTML report of the run
-from divscope.explain import explain_run
-from divscope.report import build_report
+from divscope.personas.explain import explain_run
+from divscope.report.html import build_report
 from divscope.runmeta import atomic_write_json
 
 explanations = explain_run(*loaded, result.records, names, m["js"], n_pairs=EXPLAIN_PAIRS)

@@ -23,7 +23,7 @@ from benchmarks.common import machine_info, status_mb, write_result
 def child(variant: str, n: int, chunk: int) -> dict:
     import torch
 
-    from divscope.losses import fused_linear_divergence, kl_divergence
+    from divscope.divergence.losses import fused_linear_divergence, kl_divergence
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine_info, write_result
-from divscope.packed import write_samples_packed
-from divscope.ranking import rank_prompts
+from divscope.estimators.ranking import rank_prompts
 from divscope.samples import load_pair, load_samples
+from divscope.samples.packed import write_samples_packed
 
 
 def make_files(d: Path, n_prompts: int, n_samples: int, length: int, k: int, seed: int = 0):

@@ -7,7 +7,7 @@ generator. Two paths, same numbers:
 
 * naive (written here): one forward pass per (response, persona), logits for every position,
   log-softmax of everything, then JS and both KLs on the response positions;
-* divscope: :func:`divscope.teacher_force.prompt_kv` once per question (each persona's prompt
+* divscope: :func:`divscope.models.teacher_force.prompt_kv` once per question (each persona's prompt
   run once), then :func:`divscope.teacher_force.teacher_force` per response (personas batched
   with right padding, only the response tokens run against the cached prompts, output
   projection only at response positions in fp32, fused divergence).
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import PeakRSS, machine_info, write_result
-from divscope.divergence import js_and_kls
-from divscope.models import load_model
-from divscope.teacher_force import PERSONA_BATCH, output_head, prompt_kv, teacher_force
+from divscope.divergence.fused import js_and_kls
+from divscope.models.load import load_model
+from divscope.models.teacher_force import PERSONA_BATCH, output_head, prompt_kv, teacher_force
 
 HEADLINE = (8, 128)  # personas, response tokens
 PERSONAS_FILE = "data/personas/core.yaml"
@@ -226,13 +226,14 @@ def bf16_check(reps: int, n: int = 8, t: int = 128) -> dict:
     scored in fp32 and in bf16 (bf16 weights and activations, fp32 output projection and
     divergences); the relative error of each JS / KL value against fp32 is reported.
     """
-    from divscope.personas import PromptRenderer, load_personas, load_questions
+    from divscope.models.chat import PromptRenderer
+    from divscope.personas.data import load_personas, load_questions
 
     models = {d: load_model("smollm2-135m-instruct", dtype=d) for d in ("float32", "bfloat16")}
     tok = models["float32"][1]
     renderer = PromptRenderer(tok)
     first = load_questions("data/questions/eval20.yaml", 1)[0]
-    prompts = [renderer.prompt_ids(p, first) for p in load_personas(PERSONAS_FILE, 6)]
+    prompts = [renderer.prompt_ids(p.prompt, first.text) for p in load_personas(PERSONAS_FILE, 6)]
     response = tok(RESPONSE, add_special_tokens=False)["input_ids"]
     vals = {}
     for d, (model, _) in models.items():

@@ -41,13 +41,13 @@ import matplotlib
 import matplotlib.pyplot as plt
 import torch
 
-from divscope.divergence import kl
-from divscope.generate import generate_hf, stop_ids
+from divscope.divergence.fused import kl
 from divscope.losses import KLRegularizer
-from divscope.models import load_model
-from divscope.personas import load_questions
+from divscope.models.generate import generate_hf, stop_ids
+from divscope.models.load import load_model
+from divscope.models.teacher_force import output_head, response_logprobs
+from divscope.personas.data import load_questions
 from divscope.runmeta import atomic_write_json, new_run_dir, run_metadata
-from divscope.teacher_force import output_head, response_logprobs
 
 torch.manual_seed(SEED)
 run_dir = new_run_dir(Path(OUTPUT_DIR), "kl_finetune")

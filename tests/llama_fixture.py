@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 class LlamaServer:
-    """``python -m divscope.llama_server`` (llama-cpp-python's server) as a child process."""
+    """``python -m divscope.sampling.llama_server`` (llama-cpp-python's server) as a child process."""
 
     def __init__(self, model: Path, port: int | None = None) -> None:
         self.model, self.port = model, port or free_port()
@@ -43,7 +43,7 @@ class LlamaServer:
             [
                 sys.executable,
                 "-m",
-                "divscope.llama_server",
+                "divscope.sampling.llama_server",
                 "--model",
                 str(self.model),
                 "--host",
@@ -60,6 +60,7 @@ class LlamaServer:
                 "0",
                 "--verbose",
                 "False",
+                "--reproducible",
             ],
             stdout=log,
             stderr=log,

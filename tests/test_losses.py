@@ -1,4 +1,4 @@
-"""divscope.losses against torch.distributions, scipy and brute force; gradients; edge cases."""
+"""divscope.divergence.losses against torch.distributions, scipy and brute force; gradients; edge cases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax
 from scipy.stats import entropy
 
-from divscope.losses import (
+from divscope.divergence.losses import (
     LN2,
     KLRegularizer,
     fused_linear_divergence,

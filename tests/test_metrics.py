@@ -12,13 +12,15 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 from scipy.stats import entropy
 
-from divscope.ranking import rank_prompts
-from divscope.samples import TokenVocab, _Ctx, _scores_from_columns, load_pair
-from divscope.topk import LN2, TAIL_FLOOR, coarse_bounds, mc_kl_terms
+from divscope.estimators.ranking import rank_prompts
+from divscope.estimators.topk import LN2, TAIL_FLOOR, coarse_bounds, mc_kl_terms
+from divscope.samples import load_pair
+from divscope.samples.parse import Ctx, scores_from_columns
+from divscope.samples.records import TokenVocab
 
 
 def _scores(cols: dict, vocab: TokenVocab):
-    return _scores_from_columns(cols, _Ctx("test"), vocab)
+    return scores_from_columns(cols, Ctx("test"), vocab)
 
 
 def _brute_coarse(x, lp_full, lq_full, k_p, k_q):
@@ -226,7 +228,7 @@ def _legacy_brute(records_a, records_b):
 
 
 def test_legacy_aligned_on_real_files_matches_the_dict_walk():
-    from divscope.safe_pickle import safe_load_pickle
+    from divscope.samples.safe_pickle import safe_load_pickle
 
     a, b = load_pair(PKL, GEMMA_JSON)
     r = rank_prompts(a, b, n_bootstrap=100)
@@ -261,7 +263,7 @@ def test_bootstrap_ci_narrows_with_more_samples(tmp_path):
 
 
 def test_spread_over_text_matches_a_brute_force_character_walk():
-    from divscope.contributions import spread_over_text
+    from divscope.estimators.contributions import spread_over_text
 
     rng = np.random.default_rng(3)
     text = "the quick brown fox jumps over the lazy dog"

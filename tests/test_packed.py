@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from test_samples import FUZZ
 
 from divscope.cli import main
-from divscope.errors import SampleFileError
-from divscope.packed import write_samples_packed
-from divscope.ranking import rank_prompts
+from divscope.estimators.ranking import rank_prompts
 from divscope.samples import SampleSet, TokenScores, load_pair, load_samples
+from divscope.samples.errors import SampleFileError
+from divscope.samples.packed import write_samples_packed
 
 SHIPPED = ROOT / "data" / "samples" / "smollm2_vs_gemma3"
 

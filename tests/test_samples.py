@@ -13,8 +13,8 @@ from conftest import EMPTY_JSON, GEMMA_JSON, PKL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from divscope.errors import SampleFileError
 from divscope.samples import load_pair, load_samples, write_samples_jsonl
+from divscope.samples.errors import SampleFileError
 
 REAL = json.loads(GEMMA_JSON.read_text())
 

@@ -1,4 +1,4 @@
-"""divscope.stats: the published analysis reproduced, and each statistic against a reference."""
+"""divscope.stats.analysis: the published analysis reproduced, and each statistic against a reference."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from divscope import stats
 from divscope.cli import main
+from divscope.stats import analysis as stats
 
 REF = Path(__file__).parent / "data" / "reference_qwen7b"
 

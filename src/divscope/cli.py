@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from divscope import __version__
-from divscope.config import ConfigError
-from divscope.errors import SampleFileError
-from divscope.personas import PersonaDataError, TemplateSeamError
-from divscope.ranking import ALL_METRICS, Ranking, rank_prompts
-from divscope.report import ReportError
+from divscope.estimators.ranking import ALL_METRICS, Ranking, rank_prompts
+from divscope.models.chat import TemplateSeamError
+from divscope.personas.data import PersonaDataError
+from divscope.report.html import ReportError
 from divscope.runmeta import atomic_write_json
-from divscope.samples import load_pair, load_samples, write_samples_jsonl
-from divscope.stats import AnalysisInputError
+from divscope.samples.errors import SampleFileError
+from divscope.samples.read import load_pair, load_samples
+from divscope.samples.write import write_samples_jsonl
+from divscope.sampling.config import ConfigError
+from divscope.stats.analysis import AnalysisInputError
 
 
 def _short(s: str, n: int) -> str:
@@ -75,7 +77,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     samples = load_samples(args.input)
     if Path(args.output).suffix.lower() == ".npz":
-        from divscope.packed import write_samples_packed
+        from divscope.samples.packed import write_samples_packed
 
         out = write_samples_packed(samples, args.output, overwrite=args.overwrite)
     else:
@@ -86,8 +88,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from divscope.config import load_config
-    from divscope.sampler import Sampler
+    from divscope.sampling.config import load_config
+    from divscope.sampling.sampler import Sampler
 
     config = load_config(args.config)
     summary = Sampler(config, progress=not args.quiet).run(
@@ -98,13 +100,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_personas(args: argparse.Namespace) -> int:
-    from divscope.persona_run import PersonaCheckError, run_personas, write_outputs
-    from divscope.personas import load_personas, load_questions
+    from divscope.personas.data import load_personas, load_questions
+    from divscope.personas.pipeline import PersonaCheckError, run_personas, write_outputs
 
     personas = load_personas(args.personas, args.n_personas)
     questions = load_questions(args.questions, args.n_questions)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    from divscope.models import load_model
+    from divscope.models.load import load_model
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     try:
@@ -131,7 +133,7 @@ def _cmd_personas(args: argparse.Namespace) -> int:
         return 3
     written = write_outputs(result, args.out, overwrite=args.overwrite)
     if args.explain_pairs:
-        from divscope.explain import explain_run
+        from divscope.personas.explain import explain_run
         from divscope.runmeta import atomic_write_json
 
         explanations = explain_run(
@@ -157,7 +159,7 @@ def _cmd_personas(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
 
-    from divscope import stats
+    from divscope.stats import analysis as stats
 
     matrices = stats.load_matrices(args.matrices)
     cosines = [c for f in args.cosine for c in stats.load_cosine(f)]
@@ -209,7 +211,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _analysis_figures(matrices, cosines, result, out: Path) -> None:  # noqa: ANN001
     import matplotlib.pyplot as plt
 
-    from divscope import persona_plots as pp
+    from divscope.report import persona_plots as pp
 
     out.mkdir(parents=True, exist_ok=True)
 
@@ -255,7 +257,7 @@ def _analysis_figures(matrices, cosines, result, out: Path) -> None:  # noqa: AN
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from divscope.report import build_report
+    from divscope.report.html import build_report
 
     for path in build_report(args.run_dir, args.out, args.format, overwrite=args.overwrite):
         print(f"wrote {path}")

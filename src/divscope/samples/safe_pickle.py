@@ -12,7 +12,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from divscope.errors import SampleFileError
+from divscope.samples.errors import SampleFileError
 
 _FIX = (
     "only pickles of plain dict/list/tuple/str/bytes/int/float/bool/None are read; "

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from divscope.divergence.losses import js_from_logprobs, kl_from_logprobs
+
 LN2 = math.log(2.0)
 
 
@@ -26,15 +28,11 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 def kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """KL(P||Q) in nats over the last axis. Shapes ``(..., V) -> (...)``."""
-    from divscope.losses import kl_from_logprobs
-
     return kl_from_logprobs(_wide(lp), _wide(lq))
 
 
 def js(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon divergence in nats over the last axis. ``(..., V) -> (...)``."""
-    from divscope.losses import js_from_logprobs
-
     return js_from_logprobs(_wide(lp), _wide(lq))
 
 

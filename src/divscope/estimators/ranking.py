@@ -16,19 +16,21 @@ independently; estimators are recomputed on each resample.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from divscope.errors import SampleFileError
-from divscope.samples import PromptSamples, Response, SampleSet, check_same_prompts
-from divscope.topk import (
+from divscope.estimators.topk import (
     Padded,
     coarse_bounds_columns,
     legacy_matrix,
     mc_kl_terms,
     positions_last,
 )
+from divscope.samples.errors import SampleFileError
+from divscope.samples.read import check_same_prompts
+from divscope.samples.records import PromptSamples, Response, SampleSet
 
 BASE_METRICS = ("mc_kl", "topk_kl_lb", "topk_js_lb", "legacy_aligned")
 ALL_METRICS = tuple(f"{m}{s}" for m in BASE_METRICS for s in ("", "_ab", "_ba"))
@@ -133,7 +135,7 @@ def coarse_sums(
     """Top-k KL and JS bound sums over each response's positions, for all responses at once.
 
     Responses are processed in groups of about ``chunk`` positions, each laid out positions
-    last (what :func:`divscope.topk.coarse_bounds_columns` wants) straight from the responses'
+    last (what :func:`divscope.estimators.topk.coarse_bounds_columns` wants) straight from the responses'
     arrays, so nothing of the size of the whole file is built.
 
     Returns:
@@ -239,28 +241,8 @@ def score_prompt(
     ``coarse`` holds precomputed :func:`coarse_sums` for both directions (computed here when
     None).
     """
+    ps = _prompt_score(ra, rb)
     ua, ub = ra.usable, rb.usable
-    scores: dict[str, float | None] = {}
-    boots: dict[str, np.ndarray] = {}
-    coverage: dict[str, Any] = {
-        "n_tokens": [int(sum(len(r.scores) for r in u)) for u in (ua, ub)],
-        "topk_mass": [_topk_mass(u) for u in (ua, ub)],
-    }
-    ps = PromptScore(
-        index=ra.index,
-        prompt=ra.prompt,
-        category=ra.category or rb.category,
-        rank=None,
-        reason=None,
-        scores=scores,
-        ci={},
-        coverage=coverage,
-        n_responses=[len(ra.responses), len(rb.responses)],
-        excluded_responses=[len(ra.responses) - len(ua), len(rb.responses) - len(ub)],
-        excluded_reasons=[
-            [r.excluded_reason for r in x.responses if r.excluded_reason] for x in (ra, rb)
-        ],
-    )
     if not ua or not ub:
         side = "A" if not ua else "B"
         ps.reason = f"no response of model {side} carries logprobs"
@@ -268,12 +250,52 @@ def score_prompt(
     na, nb = len(ua), len(ub)
     ia = rng.integers(0, na, size=(n_bootstrap, na))
     ib = rng.integers(0, nb, size=(n_bootstrap, nb))
-
-    # Honest metrics from cross-scores.
+    boots: dict[str, np.ndarray] = {}
     dirs = {
         "_ab": (_direction_terms(ua, model_b, per_byte, coarse), ia),
         "_ba": (_direction_terms(ub, model_a, per_byte, coarse), ib),
     }
+    _cross_metrics(ps, boots, dirs, per_byte)
+    _legacy_metrics(ps, boots, ua, ub, ia, ib)
+    for name in ("mc_kl", "topk_kl_lb", "topk_js_lb"):
+        if name + "_ab" in ps.scores and name + "_ba" in ps.scores:
+            ps.scores[name] = 0.5 * (ps.scores[name + "_ab"] + ps.scores[name + "_ba"])
+            boots[name] = 0.5 * (boots[name + "_ab"] + boots[name + "_ba"])
+    if boots:
+        ps.ci |= _percentile_cis(boots, ci_level, n_bootstrap, min(na, nb))
+    return ps
+
+
+def _prompt_score(ra: PromptSamples, rb: PromptSamples) -> PromptScore:
+    """An unscored :class:`PromptScore` with the prompt's coverage and exclusions."""
+    ua, ub = ra.usable, rb.usable
+    return PromptScore(
+        index=ra.index,
+        prompt=ra.prompt,
+        category=ra.category or rb.category,
+        rank=None,
+        reason=None,
+        scores={},
+        ci={},
+        coverage={
+            "n_tokens": [int(sum(len(r.scores) for r in u)) for u in (ua, ub)],
+            "topk_mass": [_topk_mass(u) for u in (ua, ub)],
+        },
+        n_responses=[len(ra.responses), len(rb.responses)],
+        excluded_responses=[len(ra.responses) - len(ua), len(rb.responses) - len(ub)],
+        excluded_reasons=[
+            [r.excluded_reason for r in x.responses if r.excluded_reason] for x in (ra, rb)
+        ],
+    )
+
+
+def _cross_metrics(
+    ps: PromptScore,
+    boots: dict[str, np.ndarray],
+    dirs: dict[str, tuple[_Direction | None, np.ndarray]],
+    per_byte: bool,
+) -> None:
+    """The honest metrics from cross-scores (mc_kl, top-k bounds), per direction, in place."""
     missing = 0
     for suffix, (d, idx) in dirs.items():
         if d is None:
@@ -286,55 +308,66 @@ def score_prompt(
         ):
             v = _ratio(s, n)
             if v is not None:
-                scores[name + suffix] = v
+                ps.scores[name + suffix] = v
                 boots[name + suffix] = _ratio_boot(s, n, idx)
     if any(d is not None for d, _ in dirs.values()):
+        coverage = ps.coverage
         coverage["missing_cross_logprobs"] = missing
         cnt = sum(int(d.mc_cnt.sum()) for d, _ in dirs.values() if d is not None)
         coverage["cross_scored_share"] = (
             cnt / max(1, sum(coverage["n_tokens"])) if not per_byte else None
         )
 
-    # Legacy heuristic, all response pairs, both directions.
+
+def _legacy_metrics(
+    ps: PromptScore,
+    boots: dict[str, np.ndarray],
+    ua: list[Response],
+    ub: list[Response],
+    ia: np.ndarray,
+    ib: np.ndarray,
+) -> None:
+    """The legacy heuristic over all response pairs, both directions, in place."""
     pa = Padded.from_scores([r.scores for r in ua])
     pb = Padded.from_scores([r.scores for r in ub])
     s_ab, c_ab = legacy_matrix(pa, pb)  # (na, nb)
     s_ba, c_ba = legacy_matrix(pb, pa)  # (nb, na)
     v_ab, v_ba = _legacy_values(s_ab, c_ab), _legacy_values(s_ba, c_ba).T
     compared = sum(min(x, y) for x in pa.lengths for y in pb.lengths)
-    coverage["matched_token_share"] = (
+    ps.coverage["matched_token_share"] = (
         float((c_ab.sum() + c_ba.sum()) / (2 * compared)) if compared else 0.0
     )
     for suffix, v in (("_ab", v_ab), ("_ba", v_ba)):
         if not np.isnan(v).all():
-            scores["legacy_aligned" + suffix] = float(np.nanmean(v))
+            ps.scores["legacy_aligned" + suffix] = float(np.nanmean(v))
             boots["legacy_aligned" + suffix] = _nanmean(v[ia[:, :, None], ib[:, None, :]], (1, 2))
     both = np.stack([v_ab, v_ba])
     if not np.isnan(both).all():
-        scores["legacy_aligned"] = float(np.nanmean(both))
+        ps.scores["legacy_aligned"] = float(np.nanmean(both))
         boots["legacy_aligned"] = _nanmean(both[:, ia[:, :, None], ib[:, None, :]], (0, 2, 3))
 
-    for name in ("mc_kl", "topk_kl_lb", "topk_js_lb"):
-        if name + "_ab" in scores and name + "_ba" in scores:
-            scores[name] = 0.5 * (scores[name + "_ab"] + scores[name + "_ba"])
-            boots[name] = 0.5 * (boots[name + "_ab"] + boots[name + "_ba"])
 
+def _percentile_cis(
+    boots: dict[str, np.ndarray], ci_level: float, n_bootstrap: int, n_min: int
+) -> dict[str, list[float] | None]:
+    """Percentile intervals of each metric's bootstrap values (None with one response a side
+    or when fewer than 90% of the resamples are defined)."""
     alpha = (1 - ci_level) / 2
-    if boots:
-        names = list(boots)
-        stacked = np.stack([boots[m] for m in names])
-        finite = np.isfinite(stacked)
-        if finite.all():
-            q = np.quantile(stacked, [alpha, 1 - alpha], axis=1)
-        else:  # nanquantile goes row by row: only when some resample is undefined
-            with np.errstate(invalid="ignore"):
-                q = np.nanquantile(np.where(finite, stacked, np.nan), [alpha, 1 - alpha], axis=1)
-        for j, name in enumerate(names):
-            if min(na, nb) < 2 or finite[j].sum() < 0.9 * n_bootstrap:
-                ps.ci[name] = None  # one response per side: no spread to resample
-            else:
-                ps.ci[name] = [float(q[0, j]), float(q[1, j])]
-    return ps
+    names = list(boots)
+    stacked = np.stack([boots[m] for m in names])
+    finite = np.isfinite(stacked)
+    if finite.all():
+        q = np.quantile(stacked, [alpha, 1 - alpha], axis=1)
+    else:  # nanquantile goes row by row: only when some resample is undefined
+        with np.errstate(invalid="ignore"):
+            q = np.nanquantile(np.where(finite, stacked, np.nan), [alpha, 1 - alpha], axis=1)
+    out: dict[str, list[float] | None] = {}
+    for j, name in enumerate(names):
+        if n_min < 2 or finite[j].sum() < 0.9 * n_bootstrap:
+            out[name] = None  # one response per side: no spread to resample
+        else:
+            out[name] = [float(q[0, j]), float(q[1, j])]
+    return out
 
 
 def _topk_mass(responses: list[Response]) -> float | None:
@@ -409,17 +442,7 @@ def _rank_prompts(
     if a.vocab is not b.vocab:
         raise ValueError("load both files with one TokenVocab (use divscope.samples.load_pair)")
     avail = available_metrics(a, b)
-    if metric is None:
-        metric = avail[0]
-    elif metric not in ALL_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(ALL_METRICS)}")
-    elif metric not in avail:
-        raise SampleFileError(
-            a.path,
-            f"metric {metric!r} needs cross-scores these files do not carry "
-            f"(available: {', '.join(avail)})",
-            "re-sample with `divscope sample` and cross_score: true, or choose an available metric",
-        )
+    metric = _checked_metric(metric, avail, a.path)
     per_byte = any(
         not c.aligned
         for s in (a, b)
@@ -427,6 +450,59 @@ def _rank_prompts(
         for r in rec.usable
         for c in r.cross.values()
     )
+    rng = np.random.default_rng(seed)
+    n = len(a.records) if max_prompts is None else min(max_prompts, len(a.records))
+    coarse = coarse_sums([r for rec in a.records[:n] for r in rec.usable], b.model)
+    coarse |= coarse_sums([r for rec in b.records[:n] for r in rec.usable], a.model)
+    prompts = [
+        score_prompt(
+            ra,
+            rb,
+            model_a=a.model,
+            model_b=b.model,
+            per_byte=per_byte,
+            n_bootstrap=n_bootstrap,
+            ci_level=ci_level,
+            rng=rng,
+            coarse=coarse,
+        )
+        for ra, rb in zip(a.records[:n], b.records[:n], strict=True)
+    ]
+    _assign_ranks(prompts, metric, avail)
+    units, notes = _units_and_notes(avail, per_byte, a.n_excluded + b.n_excluded)
+    return Ranking(
+        metric,
+        [a.model, b.model],
+        [str(a.path), str(b.path)],
+        units,
+        avail,
+        notes,
+        prompts,
+        n_bootstrap,
+        ci_level,
+    )
+
+
+def _checked_metric(metric: str | None, avail: list[str], path: Path) -> str:
+    """``metric``, or the best available when None; raises when it is unknown or unavailable."""
+    if metric is None:
+        return avail[0]
+    if metric not in ALL_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(ALL_METRICS)}")
+    if metric not in avail:
+        raise SampleFileError(
+            path,
+            f"metric {metric!r} needs cross-scores these files do not carry "
+            f"(available: {', '.join(avail)})",
+            "re-sample with `divscope sample` and cross_score: true, or choose an available metric",
+        )
+    return metric
+
+
+def _units_and_notes(
+    avail: list[str], per_byte: bool, excluded: int
+) -> tuple[dict[str, str], list[str]]:
+    """Each available metric's unit, and the notes that go with the ranking."""
     unit_mc = "nats/byte" if per_byte else "nats/token"
     units = {
         m: (
@@ -446,48 +522,24 @@ def _rank_prompts(
             "the models' tokenizers differ: mc_kl compares sequence log-probabilities "
             "of the same text, per byte"
         )
-    rng = np.random.default_rng(seed)
-    n = len(a.records) if max_prompts is None else min(max_prompts, len(a.records))
-    coarse = coarse_sums([r for rec in a.records[:n] for r in rec.usable], b.model)
-    coarse |= coarse_sums([r for rec in b.records[:n] for r in rec.usable], a.model)
-    prompts = [
-        score_prompt(
-            ra,
-            rb,
-            model_a=a.model,
-            model_b=b.model,
-            per_byte=per_byte,
-            n_bootstrap=n_bootstrap,
-            ci_level=ci_level,
-            rng=rng,
-            coarse=coarse,
-        )
-        for ra, rb in zip(a.records[:n], b.records[:n], strict=True)
-    ]
+    if excluded:
+        notes.append(f"{excluded} response(s) without logprobs were excluded (never scored as 0)")
+    return units, notes
+
+
+def _assign_ranks(prompts: list[PromptScore], metric: str, avail: list[str]) -> None:
+    """Rank 1 = highest ``metric`` (ties by index); a reason for every unscored prompt; every
+    available metric's key present (null where not available)."""
     scored = [p for p in prompts if p.scores.get(metric) is not None]
     for p in prompts:
         if p.scores.get(metric) is None and p.reason is None:
             p.reason = f"{metric} could not be computed (no matched tokens or missing cross-scores)"
     for r, p in enumerate(sorted(scored, key=lambda p: (-p.scores[metric], p.index)), start=1):
         p.rank = r
-    for p in prompts:  # every metric key present, null where not available
+    for p in prompts:
         for m in avail:
             p.scores.setdefault(m, None)
             p.ci.setdefault(m, None)
-    excluded = a.n_excluded + b.n_excluded
-    if excluded:
-        notes.append(f"{excluded} response(s) without logprobs were excluded (never scored as 0)")
-    return Ranking(
-        metric,
-        [a.model, b.model],
-        [str(a.path), str(b.path)],
-        units,
-        avail,
-        notes,
-        prompts,
-        n_bootstrap,
-        ci_level,
-    )
 
 
 def category_summary(
@@ -499,7 +551,7 @@ def category_summary(
         Rows ``{category, n, mean, ci_low, ci_high}``, highest mean first; the CI is None for
         a category with a single prompt.
     """
-    from divscope.summary import category_means
+    from divscope.stats.categories import category_means
 
     metric = metric or ranking.metric
     by_cat: dict[str, list[float]] = {}

@@ -22,12 +22,96 @@ from typing import Any
 import numpy as np
 import torch
 
-from divscope.divergence import js_and_kls
-from divscope.teacher_force import output_head, response_logprobs
+from divscope.divergence.fused import js_and_kls
+from divscope.models.teacher_force import output_head, response_logprobs
 
 
 def _tok(tokenizer: Any, i: int) -> str:
     return tokenizer.decode([int(i)])
+
+
+class WhatChanged:
+    """Running full-vocabulary sums over positions: ``dP`` and the weighted log-ratio."""
+
+    def __init__(self, vocab: int) -> None:
+        self.d_prob = torch.zeros(vocab, dtype=torch.float64)
+        self.lr_num = torch.zeros(vocab, dtype=torch.float64)
+        self.lr_den = torch.zeros(vocab, dtype=torch.float64)
+        self.n_pos = 0
+
+    def add(self, la: torch.Tensor, lb: torch.Tensor) -> None:
+        """Add positions given A's and B's log-probabilities, ``(T, V)`` each."""
+        pa, pb = la.exp().double(), lb.exp().double()
+        self.d_prob += (pb - pa).sum(0)
+        w = 0.5 * (pa + pb)
+        self.lr_num += (w * (lb - la).double()).sum(0)
+        self.lr_den += w.sum(0)
+        self.n_pos += la.shape[0]
+
+    def tokens(self, tokenizer: Any, n_tokens: int) -> dict[str, Any]:
+        """The ``n_tokens`` most boosted and most suppressed tokens under B."""
+        dp = (self.d_prob / max(self.n_pos, 1)).numpy()
+        lrat = (self.lr_num / self.lr_den.clamp(min=1e-300)).numpy()
+
+        def listing(idx: np.ndarray) -> list[dict[str, Any]]:
+            return [
+                {
+                    "token": _tok(tokenizer, int(i)),
+                    "id": int(i),
+                    "delta_prob": float(dp[i]),
+                    "weighted_log_ratio": float(lrat[i]),
+                }
+                for i in idx
+            ]
+
+        order = np.argsort(dp)
+        return {
+            "definition": "delta_prob = mean over positions of P_b - P_a; "
+            "weighted_log_ratio = sum w (log P_b - log P_a) / sum w, "
+            "w = (P_a + P_b) / 2",
+            "boosted_in_b": listing(order[::-1][:n_tokens]),
+            "suppressed_in_b": listing(order[:n_tokens]),
+        }
+
+
+def _topk_rows(tokenizer: Any, lp: torch.Tensor, k: int) -> list[list[list[Any]]]:
+    """Per position, the ``k`` most likely tokens and their probabilities."""
+    top, ids = lp.topk(k, -1)
+    return [
+        [[_tok(tokenizer, i), float(v)] for i, v in zip(ii, vv, strict=True)]
+        for ii, vv in zip(ids.tolist(), top.exp().tolist(), strict=True)
+    ]
+
+
+def _response_view(
+    tokenizer: Any,
+    rec: dict[str, Any],
+    la: torch.Tensor,
+    lb: torch.Tensor,
+    top_k: int,
+    top_positions: int,
+) -> dict[str, Any]:
+    """One answer position by position: JS, both KLs, both sides' top-k, the top positions."""
+    js, kl_ab, kl_ba = js_and_kls(la, lb)
+    tokens = [_tok(tokenizer, t) for t in rec["response_token_ids"]]
+    share = js / js.sum().clamp(min=1e-30)
+    order = torch.argsort(js, descending=True)[:top_positions].tolist()
+    return {
+        "generator": rec["persona"],
+        "question_id": rec["question_id"],
+        "question": rec.get("question"),
+        "tokens": tokens,
+        "js": js.tolist(),
+        "kl_ab": kl_ab.tolist(),
+        "kl_ba": kl_ba.tolist(),
+        "top_a": _topk_rows(tokenizer, la, top_k),
+        "top_b": _topk_rows(tokenizer, lb, top_k),
+        "mean_js": float(js.mean()),
+        "top_positions": [
+            {"position": i, "token": tokens[i], "js": float(js[i]), "share": float(share[i])}
+            for i in order
+        ],
+    }
 
 
 @torch.no_grad()
@@ -59,89 +143,22 @@ def persona_pair_explanation(
         ``js``, ``kl_ab`` = KL(P_A||P_B), ``kl_ba`` and both sides' top-k.
     """
     head = output_head(model)
-    vocab = head[0].shape[0]
-    d_prob = torch.zeros(vocab, dtype=torch.float64)
-    lr_num = torch.zeros(vocab, dtype=torch.float64)
-    lr_den = torch.zeros(vocab, dtype=torch.float64)
-    n_pos = 0
+    changed = WhatChanged(head[0].shape[0])
     responses = []
     for rec in records:
-        if rec["persona"] not in (a, b):
+        if rec["persona"] not in (a, b) or not rec["response_token_ids"]:
             continue
-        q = rec["question_id"]
-        resp = rec["response_token_ids"]
-        if not resp:
-            continue
+        q, resp = rec["question_id"], rec["response_token_ids"]
         la = response_logprobs(model, prompts[(a, q)], resp, head)  # (T, V)
         lb = response_logprobs(model, prompts[(b, q)], resp, head)
-        js, kl_ab, kl_ba = js_and_kls(la, lb)
-        pa, pb = la.exp().double(), lb.exp().double()
-        d_prob += (pb - pa).sum(0)
-        w = 0.5 * (pa + pb)
-        lr_num += (w * (lb - la).double()).sum(0)
-        lr_den += w.sum(0)
-        n_pos += len(resp)
-        ta, ia = la.topk(top_k, -1)
-        tb, ib = lb.topk(top_k, -1)
-        tokens = [_tok(tokenizer, t) for t in resp]
-        share = js / js.sum().clamp(min=1e-30)
-        order = torch.argsort(js, descending=True)[:top_positions].tolist()
-        responses.append(
-            {
-                "generator": rec["persona"],
-                "question_id": q,
-                "question": rec.get("question"),
-                "tokens": tokens,
-                "js": js.tolist(),
-                "kl_ab": kl_ab.tolist(),
-                "kl_ba": kl_ba.tolist(),
-                "top_a": [
-                    [[_tok(tokenizer, i), float(v)] for i, v in zip(ii, vv, strict=True)]
-                    for ii, vv in zip(ia.tolist(), ta.exp().tolist(), strict=True)
-                ],
-                "top_b": [
-                    [[_tok(tokenizer, i), float(v)] for i, v in zip(ii, vv, strict=True)]
-                    for ii, vv in zip(ib.tolist(), tb.exp().tolist(), strict=True)
-                ],
-                "mean_js": float(js.mean()),
-                "top_positions": [
-                    {
-                        "position": i,
-                        "token": tokens[i],
-                        "js": float(js[i]),
-                        "share": float(share[i]),
-                    }
-                    for i in order
-                ],
-            }
-        )
-    dp = (d_prob / max(n_pos, 1)).numpy()
-    lrat = (lr_num / lr_den.clamp(min=1e-300)).numpy()
-
-    def listing(idx: np.ndarray) -> list[dict[str, Any]]:
-        return [
-            {
-                "token": _tok(tokenizer, int(i)),
-                "id": int(i),
-                "delta_prob": float(dp[i]),
-                "weighted_log_ratio": float(lrat[i]),
-            }
-            for i in idx
-        ]
-
-    order = np.argsort(dp)
+        changed.add(la, lb)
+        responses.append(_response_view(tokenizer, rec, la, lb, top_k, top_positions))
     return {
         "a": a,
         "b": b,
-        "positions": n_pos,
+        "positions": changed.n_pos,
         "responses": responses,
-        "what_changed": {
-            "definition": "delta_prob = mean over positions of P_b - P_a; "
-            "weighted_log_ratio = sum w (log P_b - log P_a) / sum w, "
-            "w = (P_a + P_b) / 2",
-            "boosted_in_b": listing(order[::-1][:n_tokens]),
-            "suppressed_in_b": listing(order[:n_tokens]),
-        },
+        "what_changed": changed.tokens(tokenizer, n_tokens),
     }
 
 

@@ -1,80 +1,14 @@
-"""Personas, questions and their prompts: rendering with the chat template, and the seam check."""
+"""Chat prompts for local models: render (system, user) as token ids, and check the seam.
+
+Teacher forcing reuses the generator's token ids, so the prompt ids must be exactly the start of
+the rendered conversation: :meth:`PromptRenderer.check_seam` renders prompt + response and
+compares (DESIGN.md, "Divergence semantics").
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
-
-
-@dataclass(frozen=True)
-class Persona:
-    name: str
-    prompt: str
-
-
-@dataclass(frozen=True)
-class Question:
-    id: str
-    text: str
-    category: str | None = None
-
-
-class PersonaDataError(ValueError):
-    """A personas or questions file cannot be used; names the file, the entry and the fix."""
-
-
-def _entries(path: Path, key: str) -> list[Any]:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise PersonaDataError(f"{path}: no such file. Fix: check the path") from e
-    except yaml.YAMLError as e:
-        raise PersonaDataError(f"{path}: not valid YAML ({e}). Fix: fix the syntax") from e
-    entries = raw.get(key) if isinstance(raw, dict) else raw
-    if not isinstance(entries, list) or not entries:
-        raise PersonaDataError(
-            f"{path}: expected a non-empty list under `{key}:`. Fix: see data/{key}/"
-        )
-    return entries
-
-
-def load_personas(path: str | Path, n: int | None = None) -> list[Persona]:
-    """The first ``n`` personas of a YAML file (``personas: [{name, prompt}]``)."""
-    out = []
-    for i, e in enumerate(_entries(Path(path), "personas")):
-        if (
-            not isinstance(e, dict)
-            or not isinstance(e.get("name"), str)
-            or not isinstance(e.get("prompt"), str)
-        ):
-            raise PersonaDataError(
-                f"{path}: persona {i} needs string `name` and `prompt`. "
-                "Fix: write {name: ..., prompt: ...}"
-            )
-        out.append(Persona(e["name"], e["prompt"]))
-    names = [p.name for p in out]
-    if len(set(names)) != len(names):
-        dup = next(x for x in names if names.count(x) > 1)
-        raise PersonaDataError(f"{path}: persona name {dup!r} appears twice. Fix: rename one")
-    return out[:n] if n else out
-
-
-def load_questions(path: str | Path, n: int | None = None) -> list[Question]:
-    """The first ``n`` questions of a YAML file (``questions: [{id, text, category}]``)."""
-    out = []
-    for i, e in enumerate(_entries(Path(path), "questions")):
-        if isinstance(e, str):
-            e = {"id": f"q{i:02d}", "text": e}
-        if not isinstance(e, dict) or not isinstance(e.get("text"), str):
-            raise PersonaDataError(
-                f"{path}: question {i} needs a string `text`. "
-                "Fix: write {id: ..., text: ..., category: ...}"
-            )
-        out.append(Question(str(e.get("id", f"q{i:02d}")), e["text"], e.get("category")))
-    return out[:n] if n else out
 
 
 class TemplateSeamError(RuntimeError):
@@ -83,10 +17,10 @@ class TemplateSeamError(RuntimeError):
 
 @dataclass
 class PromptRenderer:
-    """Renders (persona, question) prompts as token ids with a tokenizer's chat template.
+    """Renders (system prompt, user turn) prompts as token ids with a tokenizer's chat template.
 
-    Templates without a system role (e.g. Gemma) get the persona merged into the user turn;
-    ``warnings`` records that for the metadata.
+    Templates without a system role (e.g. Gemma) get the system prompt merged into the user
+    turn (system prompt, blank line, user turn); ``warnings`` records that for the metadata.
     """
 
     tokenizer: Any
@@ -110,15 +44,15 @@ class PromptRenderer:
             )
 
     def messages(
-        self, persona: Persona, question: Question, response: str | None = None
+        self, system: str | None, user: str, response: str | None = None
     ) -> list[dict[str, str]]:
-        if self.system_role:
-            msgs = [
-                {"role": "system", "content": persona.prompt},
-                {"role": "user", "content": question.text},
-            ]
+        """The conversation: system prompt (or none), user turn, optionally the response."""
+        if system is None:
+            msgs = [{"role": "user", "content": user}]
+        elif self.system_role:
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         else:
-            msgs = [{"role": "user", "content": f"{persona.prompt}\n\n{question.text}"}]
+            msgs = [{"role": "user", "content": f"{system}\n\n{user}"}]
         if response is not None:
             msgs.append({"role": "assistant", "content": response})
         return msgs
@@ -126,10 +60,10 @@ class PromptRenderer:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prompt_ids(self, persona: Persona, question: Question) -> list[int]:
+    def prompt_ids(self, system: str | None, user: str) -> list[int]:
         """Prompt token ids, generation prompt included (BOS only if the template writes it)."""
         text = self.tokenizer.apply_chat_template(
-            self.messages(persona, question), tokenize=False, add_generation_prompt=True
+            self.messages(system, user), tokenize=False, add_generation_prompt=True
         )
         return self._ids(text)
 
@@ -147,8 +81,8 @@ class PromptRenderer:
 
     def check_seam(
         self,
-        persona: Persona,
-        question: Question,
+        system: str | None,
+        user: str,
         prompt_ids: list[int],
         response_ids: list[int],
         stop_ids: set[int],
@@ -157,9 +91,7 @@ class PromptRenderer:
         end-of-turn tokens). Raises :class:`TemplateSeamError` otherwise."""
         body = [t for t in response_ids if t not in stop_ids]
         text = self.tokenizer.decode(body, skip_special_tokens=False)
-        full = self.tokenizer.apply_chat_template(
-            self.messages(persona, question, text), tokenize=False
-        )
+        full = self.tokenizer.apply_chat_template(self.messages(system, user, text), tokenize=False)
         full_ids = self._ids(full)
         expected = prompt_ids + body
         if full_ids[: len(expected)] != expected:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from divscope.samples import PromptSamples
-from divscope.topk import Padded, legacy_contributions
+from divscope.estimators.topk import Padded, legacy_contributions
+from divscope.samples.records import PromptSamples
 
 
 def spread_over_text(

@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from divscope.plots import _axes
+from divscope.report.plots import _axes
 
 
 def cluster_order(distance: np.ndarray) -> list[int]:

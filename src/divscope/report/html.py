@@ -70,7 +70,7 @@ class ReportError(ValueError):
 
 
 def _category_rows(summary: list[dict[str, Any]]) -> list[list[Any]]:
-    """Table rows of a category summary (``divscope.summary.category_means`` rows)."""
+    """Table rows of a category summary (``divscope.stats.categories.category_means`` rows)."""
     return [[c["category"], c["n"], c["mean"], c["ci_low"], c["ci_high"]] for c in summary]
 
 
@@ -197,10 +197,15 @@ class Page:
 
 
 def _ranking_report(run: Path, page: Page) -> None:
-    from divscope import plots
-    from divscope.contributions import token_contributions
-    from divscope.ranking import PromptScore, Ranking, category_summary
-    from divscope.samples import load_pair
+    r, meta = _read_ranking(run)
+    _ranking_summary(r, meta, page)
+    _ranking_tables(r, page)
+    _ranking_token_views(run, r, page)
+
+
+def _read_ranking(run: Path) -> tuple[Any, dict[str, Any]]:
+    """The run's ranking.json as a :class:`Ranking`, and its metadata (or {})."""
+    from divscope.estimators.ranking import PromptScore, Ranking
 
     doc = json.loads((run / "ranking.json").read_text())
     meta = (
@@ -221,7 +226,11 @@ def _ranking_report(run: Path, page: Page) -> None:
         doc.get("bootstrap", {}).get("n", 0),
         doc.get("bootstrap", {}).get("ci_level", 0.95),
     )
-    m = r.metric
+    return r, meta
+
+
+def _ranking_summary(r: Any, meta: dict[str, Any], page: Page) -> None:
+    m, prompts = r.metric, r.prompts
     page.heading("Run")
     page.table(
         ["field", "value"],
@@ -244,6 +253,13 @@ def _ranking_report(run: Path, page: Page) -> None:
         f"{len(prompts)} prompts, {len(unscored)} unscored, {excluded} responses "
         "excluded for missing logprobs (never scored as 0)."
     )
+
+
+def _ranking_tables(r: Any, page: Page) -> None:
+    from divscope.estimators.ranking import category_summary
+    from divscope.report import plots
+
+    m, prompts = r.metric, r.prompts
     page.heading("Prompts ranked")
     cats = any(p.category for p in prompts)
     headers = (
@@ -272,6 +288,13 @@ def _ranking_report(run: Path, page: Page) -> None:
     page.figure("heatmap", plots.score_heatmap(r, top=15), "top prompts x metrics")
     page.figure("ranked_scores", plots.ranked_scores(r, top=15), "scores with CIs")
     page.figure("distribution", plots.score_distribution(r), f"{m} over prompts")
+
+
+def _ranking_token_views(run: Path, r: Any, page: Page) -> None:
+    """The top 3 prompts' first responses, each token coloured by its contribution."""
+    from divscope.estimators.contributions import token_contributions
+    from divscope.samples.read import load_pair
+
     page.heading("Top prompts, token by token")
     files = [f if Path(f).exists() else str(run.parent.parent / f) for f in r.files]
     try:
@@ -279,47 +302,11 @@ def _ranking_report(run: Path, page: Page) -> None:
     except Exception as e:  # noqa: BLE001 - the report still has everything else
         page.para(f"sample files not readable ({e}); token view skipped", "note")
         return
-    strings = a.vocab.strings
-    for p in sorted([p for p in prompts if p.rank is not None], key=lambda p: p.rank)[:3]:
+    for p in sorted([p for p in r.prompts if p.rank is not None], key=lambda p: p.rank)[:3]:
         ra, rb = a.records[p.index], b.records[p.index]
         tokens, values, kind = token_contributions(ra, rb, 0, model_b=b.model)
         resp = ra.usable[0]
-        cross = resp.cross.get(b.model)
-        infos = []
-        for t, tok in enumerate(tokens):
-            top_a = [
-                [strings[j], round(float(np.exp(v)), 4)]
-                for j, v in zip(resp.scores.top_ids[t], resp.scores.top_logprobs[t], strict=True)
-                if j >= 0
-            ][:5]
-            top_b: list[list[Any]] = []
-            note = ""
-            if cross is not None and cross.aligned and cross.scores.top_ids.shape[1]:
-                top_b = [
-                    [strings[j], round(float(np.exp(v)), 4)]
-                    for j, v in zip(
-                        cross.scores.top_ids[t], cross.scores.top_logprobs[t], strict=True
-                    )
-                    if j >= 0
-                ][:5]
-            elif cross is not None:
-                note = (
-                    f"{b.model} tokenises differently: its log-probability is spread over "
-                    "the text (per-byte view)"
-                )
-            else:
-                note = f"no cross-score under {b.model}: legacy heuristic"
-            infos.append(
-                {
-                    "token": tok,
-                    "value": f"{kind} term {values[t]:.4f}",
-                    "a_name": a.model,
-                    "a": top_a,
-                    "b_name": b.model,
-                    "b": top_b,
-                    "note": note,
-                }
-            )
+        infos = _token_infos(resp, tokens, values, kind, a, b)
         page.raw_html(
             f"<h3>#{p.rank}: prompt {p.index}</h3><p>{html.escape(p.prompt)}</p>"
             f'<p class="muted">{html.escape(a.model)}\'s first response; colour: '
@@ -329,30 +316,81 @@ def _ranking_report(run: Path, page: Page) -> None:
         )
 
 
+def _top5(strings: dict[int, str], ids: np.ndarray, logprobs: np.ndarray) -> list[list[Any]]:
+    return [
+        [strings[j], round(float(np.exp(v)), 4)]
+        for j, v in zip(ids, logprobs, strict=True)
+        if j >= 0
+    ][:5]
+
+
+def _token_infos(
+    resp: Any, tokens: list[str], values: Any, kind: str, a: Any, b: Any
+) -> list[dict[str, Any]]:
+    """Hover data per token: both sides' top 5 at that position (where B's are aligned)."""
+    strings = a.vocab.strings
+    cross = resp.cross.get(b.model)
+    infos = []
+    for t, tok in enumerate(tokens):
+        top_a = _top5(strings, resp.scores.top_ids[t], resp.scores.top_logprobs[t])
+        top_b: list[list[Any]] = []
+        note = ""
+        if cross is not None and cross.aligned and cross.scores.top_ids.shape[1]:
+            top_b = _top5(strings, cross.scores.top_ids[t], cross.scores.top_logprobs[t])
+        elif cross is not None:
+            note = (
+                f"{b.model} tokenises differently: its log-probability is spread over "
+                "the text (per-byte view)"
+            )
+        else:
+            note = f"no cross-score under {b.model}: legacy heuristic"
+        infos.append(
+            {
+                "token": tok,
+                "value": f"{kind} term {values[t]:.4f}",
+                "a_name": a.model,
+                "a": top_a,
+                "b_name": b.model,
+                "b": top_b,
+                "note": note,
+            }
+        )
+    return infos
+
+
 # ---------------------------------------------------------------------------- persona runs
 
 
 def _persona_report(run: Path, page: Page) -> None:
-    from divscope import persona_plots as pp
-    from divscope.explain import pair_cosine_by_layer
-    from divscope.summary import category_means
-
     mats = json.loads((run / "divergence_matrices.json").read_text())
     gens = json.loads((run / "generations.json").read_text())
     cosine = (
         json.loads((run / "cosine.json").read_text()) if (run / "cosine.json").exists() else None
     )
-    names = mats["personas"]
+    _persona_summary(mats, page)
+    rows = _persona_pairs(mats, cosine, page)
+    _persona_categories(run, gens, page)
+    _persona_heatmaps(mats, cosine, page)
+    if cosine:
+        _cosine_by_layer(cosine, mats["personas"], rows, page)
+    explain = run / "explain.json"
+    if explain.exists():
+        _persona_explanations(json.loads(explain.read_text()), page)
+    else:
+        page.para(
+            "no explain.json in this run (divscope personas --explain-pairs N writes it)", "muted"
+        )
+
+
+def _persona_summary(mats: dict[str, Any], page: Page) -> None:
     meta = mats.get("metadata", {})
-    n = len(names)
-    js, kl_sym, kl_asym = (np.asarray(mats[k]) for k in ("js", "kl_sym", "kl_asym"))
     page.heading("Run")
     params = meta.get("parameters", {})
     page.table(
         ["field", "value"],
         [
             ["model", meta.get("model")],
-            ["personas", n],
+            ["personas", len(mats["personas"])],
             ["questions", params.get("n_questions")],
             ["max new tokens", params.get("max_new_tokens")],
             ["dtype", meta.get("dtype")],
@@ -383,6 +421,15 @@ def _persona_report(run: Path, page: Page) -> None:
         ],
         table_id="checks",
     )
+
+
+def _persona_pairs(
+    mats: dict[str, Any], cosine: dict[str, Any] | None, page: Page
+) -> list[list[Any]]:
+    """The table of persona pairs, farthest by JS first; returns its rows."""
+    names = mats["personas"]
+    n = len(names)
+    js, kl_sym, kl_asym = (np.asarray(mats[k]) for k in ("js", "kl_sym", "kl_asym"))
     layers = [str(x) for x in cosine["layers"]] if cosine else []
     page.heading("Persona pairs")
     rows = []
@@ -398,24 +445,38 @@ def _persona_report(run: Path, page: Page) -> None:
         rows,
         table_id="pairs",
     )
-    # per question category
+    return rows
+
+
+def _persona_categories(run: Path, gens: dict[str, Any], page: Page) -> None:
+    """Mean JS per question category (over questions, off-diagonal pairs) with CIs."""
+    from divscope.stats.categories import category_means
+
     qcat = {qid: (q.get("category") or "(none)") for qid, q in gens.get("questions", {}).items()}
     per_prompt = run / "per_prompt.csv"
-    if per_prompt.exists() and qcat:
-        by_cat: dict[str, list[float]] = {}
-        by_q: dict[str, list[float]] = {}
-        with per_prompt.open() as f:
-            for row in csv.DictReader(f):
-                if row["generator"] != row["other"]:
-                    by_q.setdefault(row["question_id"], []).append(float(row["js"]))
-        for qid, vals in by_q.items():
-            by_cat.setdefault(qcat.get(qid, "(none)"), []).append(float(np.mean(vals)))
-        page.heading("By question category")
-        page.table(
-            ["category", "questions", "mean JS", "ci low", "ci high"],
-            _category_rows(category_means(by_cat)),
-            table_id="qcategories",
-        )
+    if not (per_prompt.exists() and qcat):
+        return
+    by_cat: dict[str, list[float]] = {}
+    by_q: dict[str, list[float]] = {}
+    with per_prompt.open() as f:
+        for row in csv.DictReader(f):
+            if row["generator"] != row["other"]:
+                by_q.setdefault(row["question_id"], []).append(float(row["js"]))
+    for qid, vals in by_q.items():
+        by_cat.setdefault(qcat.get(qid, "(none)"), []).append(float(np.mean(vals)))
+    page.heading("By question category")
+    page.table(
+        ["category", "questions", "mean JS", "ci low", "ci high"],
+        _category_rows(category_means(by_cat)),
+        table_id="qcategories",
+    )
+
+
+def _persona_heatmaps(mats: dict[str, Any], cosine: dict[str, Any] | None, page: Page) -> None:
+    from divscope.report import persona_plots as pp
+
+    names = mats["personas"]
+    js, kl_asym = np.asarray(mats["js"]), np.asarray(mats["kl_asym"])
     page.heading("Heatmaps")
     order = pp.cluster_order(js)
     page.figure(
@@ -431,7 +492,7 @@ def _persona_report(run: Path, page: Page) -> None:
         "KL(P_row||P_col) - KL(P_col||P_row) on the row persona's answers",
     )
     if cosine:
-        last = layers[-1]
+        last = [str(x) for x in cosine["layers"]][-1]
         page.figure(
             "cosine",
             pp.matrix_heatmap(
@@ -444,28 +505,30 @@ def _persona_report(run: Path, page: Page) -> None:
             ),
             "centred cosine of last-prompt-position hidden states",
         )
-        page.heading("Cosine by layer")
-        curves = pair_cosine_by_layer(cosine, names)
-        top = [f"{r[0]}|{r[1]}" for r in rows[:5]] + [f"{r[0]}|{r[1]}" for r in rows[-3:]]
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key in dict.fromkeys(top):
-            ax.plot([int(x) for x in layers], curves[key], marker="o", label=key)
-        ax.set(
-            xlabel="hidden_states index",
-            ylabel="centred cosine",
-            title="cosine by layer: the 5 farthest and 3 closest pairs by JS",
-        )
-        ax.legend(fontsize=7)
-        page.figure("cosine_by_layer", fig, "per persona pair")
-    explain = run / "explain.json"
-    if explain.exists():
-        _persona_explanations(json.loads(explain.read_text()), page)
-    else:
-        page.para(
-            "no explain.json in this run (divscope personas --explain-pairs N writes it)", "muted"
-        )
+
+def _cosine_by_layer(
+    cosine: dict[str, Any], names: list[str], rows: list[list[Any]], page: Page
+) -> None:
+    """Centred cosine per layer for the 5 farthest and 3 closest pairs by JS."""
+    import matplotlib.pyplot as plt
+
+    from divscope.personas.explain import pair_cosine_by_layer
+
+    layers = [str(x) for x in cosine["layers"]]
+    page.heading("Cosine by layer")
+    curves = pair_cosine_by_layer(cosine, names)
+    top = [f"{r[0]}|{r[1]}" for r in rows[:5]] + [f"{r[0]}|{r[1]}" for r in rows[-3:]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in dict.fromkeys(top):
+        ax.plot([int(x) for x in layers], curves[key], marker="o", label=key)
+    ax.set(
+        xlabel="hidden_states index",
+        ylabel="centred cosine",
+        title="cosine by layer: the 5 farthest and 3 closest pairs by JS",
+    )
+    ax.legend(fontsize=7)
+    page.figure("cosine_by_layer", fig, "per persona pair")
 
 
 def _persona_explanations(explanations: list[dict[str, Any]], page: Page) -> None:

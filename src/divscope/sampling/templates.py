@@ -2,7 +2,7 @@
 
 A scorer renders ``messages + generation prompt`` with the same template the server uses for
 chat completions, appends the response text, and asks the server for echo logprobs. The
-rendering is checked against the server before it is trusted (see ``divscope.sampler``).
+rendering is checked against the server before it is trusted (see ``divscope.sampling.sampler``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from divscope.gguf_meta import chat_template_info, read_gguf_metadata
+from divscope.sampling.gguf_meta import chat_template_info, read_gguf_metadata
 
 # Mirrors llama-cpp-python's `gemma` chat format: system messages are dropped.
 GEMMA = (

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from divscope.divergence import js_and_kls_sums_from_logits
+from divscope.divergence.fused import js_and_kls_sums_from_logits
 
 # Personas per forward pass by default: peak memory stops growing with the persona count.
 PERSONA_BATCH = 8
@@ -324,6 +324,52 @@ def _response_states(
 
 
 @torch.no_grad()
+def divergence_sums(
+    h_o: torch.Tensor,
+    h_g: torch.Tensor,
+    head: tuple[torch.Tensor, torch.Tensor | None, float | None],
+    *,
+    reuse_first: bool,
+    step: int | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Sums over positions of JS(P_g, P_o), KL(P_g||P_o), KL(P_o||P_g), full vocabulary, nats.
+
+    The output projection runs in fp32 into a reused buffer, ``step`` positions at a time (as
+    many as fit in :data:`LOGIT_BUDGET` when None), straight into the fused divergence.
+
+    Args:
+        h_o: ``(B, T, H)`` final hidden states of B conditions over the response positions.
+        h_g: ``(T, H)`` the generator's hidden states (the reference P_g).
+        head: :func:`output_head` of the model.
+        reuse_first: Row 0 of ``h_o`` is the generator itself: its logits are reused.
+        step: Positions per chunk.
+
+    Returns:
+        ``(3, B)`` float64 sums (JS, KL(P_g||P_o), KL(P_o||P_g)) and the seconds spent in
+        the divergence itself.
+    """
+    b, t, _ = h_o.shape
+    vocab = head[0].shape[0]
+    sums = torch.zeros((3, b), dtype=torch.float64, device=h_o.device)
+    t_div = 0.0
+    step = step or max(-(-MIN_HEAD_ROWS // b), LOGIT_BUDGET // (b * vocab))
+    buf = torch.empty((b + (not reuse_first)) * min(step, t) * vocab, device=h_o.device)
+    for t0 in range(0, t, step):
+        # contiguous rows: a strided 3-d input makes the projection several times slower
+        rows = h_o[:, t0 : t0 + step].reshape(-1, h_o.shape[-1])
+        x_o = fp32_logits(rows, head, buf).view(b, -1, vocab)  # (B, t, V)
+        x_g = (
+            x_o[:1]
+            if reuse_first
+            else fp32_logits(h_g[None, t0 : t0 + step], head, buf[x_o.numel() :])
+        )
+        t_d = time.perf_counter()
+        sums += js_and_kls_sums_from_logits(x_g, x_o)  # (3, B), float64
+        t_div += time.perf_counter() - t_d
+    return sums, t_div
+
+
+@torch.no_grad()
 def teacher_force(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -362,7 +408,6 @@ def teacher_force(
     Returns:
         :class:`UnitScores` with values for every persona (0 at ``generator``).
     """
-    device = next(model.parameters()).device
     head = head or output_head(model)
     n, t = len(prompts), len(response)
     if t == 0:
@@ -402,26 +447,10 @@ def teacher_force(
                 hidden[chunk] = at_layers
         if h_gen is None:
             h_gen = h_resp[0]  # the generator comes first in `order`
-        sums = torch.zeros((3, len(chunk)), dtype=torch.float64, device=device)
         t_logits = time.perf_counter()
-        t_div = 0.0
-        b = len(chunk)
-        step = position_chunk or max(-(-MIN_HEAD_ROWS // b), LOGIT_BUDGET // (b * head[0].shape[0]))
-        vocab = head[0].shape[0]
-        buf = torch.empty((b + (start > 0)) * min(step, t) * vocab, device=device)
-        for t0 in range(0, t, step):
-            # contiguous rows: a strided 3-d input makes the projection several times slower
-            rows = h_resp[:, t0 : t0 + step].reshape(-1, h_resp.shape[-1])
-            x_o = fp32_logits(rows, head, buf).view(b, -1, vocab)  # (B, t, V)
-            # the generator is row 0 of the first batch; later batches recompute its row
-            x_g = (
-                x_o[:1]
-                if start == 0
-                else fp32_logits(h_gen[None, t0 : t0 + step], head, buf[x_o.numel() :])
-            )
-            t_d = time.perf_counter()
-            sums += js_and_kls_sums_from_logits(x_g, x_o)  # (3, B), float64
-            t_div += time.perf_counter() - t_d
+        sums, t_div = divergence_sums(
+            h_resp, h_gen, head, reuse_first=start == 0, step=position_chunk
+        )
         if profile is not None:
             done = time.perf_counter()
             profile["forward"] = profile.get("forward", 0.0) + t_logits - t_fwd

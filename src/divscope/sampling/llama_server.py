@@ -1,12 +1,19 @@
 """Run llama-cpp-python's OpenAI-compatible server with a fast top-k for logprobs.
 
-``python -m divscope.llama_server --model M.gguf --logits_all True ...`` takes the same
+``python -m divscope.sampling.llama_server --model M.gguf --logits_all True ...`` takes the same
 arguments as ``python -m llama_cpp.server`` and runs that server unchanged except for one
 thing: to build ``top_logprobs`` it sorts the whole vocabulary in Python for every token
 (``sorted(zip(logprobs, range(n_vocab)), reverse=True)``), about 0.4 s per token for Gemma's
 262k-token vocabulary. Here that call returns only the first entries of the same ordering,
 found with ``numpy.argpartition``; the server only ever slices the first ``logprobs``
 (at most 20) of it, so responses are identical (``tests/test_llama_server.py`` checks this).
+
+``--reproducible`` (consumed here, not passed on) makes every request evaluate its prompt from
+an empty context instead of reusing the prefix it shares with the previous request. llama.cpp's
+kernels round differently for different batch splits (seen on AVX2 CPUs), so with prefix reuse
+the same request can sample other tokens depending on what ran before it; with the flag a
+seeded request gives the same response whatever the order of requests (a resumed sampling run
+reproduces an uninterrupted one), at the cost of re-evaluating shared prefixes.
 """
 
 from __future__ import annotations
@@ -66,8 +73,24 @@ def patch() -> None:
     llama_cpp.llama.sorted = fast_sorted
 
 
+def evaluate_from_scratch() -> None:
+    """Make ``Llama.generate`` start every request from an empty context (no prefix reuse)."""
+    import llama_cpp.llama
+
+    generate = llama_cpp.llama.Llama.generate
+
+    def fresh_generate(self: Any, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        self.reset()
+        return generate(self, tokens, *args, **kwargs)
+
+    llama_cpp.llama.Llama.generate = fresh_generate
+
+
 def main() -> None:
     patch()
+    if "--reproducible" in sys.argv:
+        sys.argv.remove("--reproducible")
+        evaluate_from_scratch()
     sys.argv[0] = "llama_cpp.server"
     runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from divscope.config import RequestSpec
+from divscope.sampling.config import RequestSpec
 
 
 class APIError(RuntimeError):

@@ -366,6 +366,32 @@ def _boot_ci(values: np.ndarray, level: float = 0.95) -> list[float] | None:
     return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
 
 
+@dataclass
+class _Resamples:
+    """Bootstrap resamples of the directed pairs: plain (``idx``) and by source (``cl_idx``)."""
+
+    idx: np.ndarray
+    cl_idx: list[np.ndarray]
+    sources: list[str]
+    by_src: dict[str, np.ndarray]
+
+    @classmethod
+    def draw(cls, src: np.ndarray, n_boot: int, seed: int) -> _Resamples:
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, len(src), (n_boot, len(src)))
+        sources = sorted(set(src))
+        by_src = {s: np.flatnonzero(src == s) for s in sources}
+        cl = rng.integers(0, len(sources), (n_boot, len(sources)))
+        cl_idx = [np.concatenate([by_src[sources[k]] for k in row]) for row in cl]
+        return cls(idx, cl_idx, sources, by_src)
+
+    def spearman_ci(self, x: np.ndarray, y: np.ndarray) -> dict[str, list[float] | None]:
+        return {
+            "pairs": _boot_ci(np.array([_spearman(x[i], y[i]) for i in self.idx])),
+            "by_source": _boot_ci(np.array([_spearman(x[i], y[i]) for i in self.cl_idx])),
+        }
+
+
 def leakage_analysis(
     m: PersonaMatrices,
     cosines: list[CosineMeasure],
@@ -384,31 +410,13 @@ def leakage_analysis(
         )
     leak = np.array([leakage[p]["rate"] for p in pairs])
     js = np.array([m.js[m.index(s), m.index(t)] for s, t in pairs])
-    src = np.array([s for s, _ in pairs])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(pairs), (n_boot, len(pairs)))
-    sources = sorted(set(src))
-    by_src = {s: np.flatnonzero(src == s) for s in sources}
-    cl = rng.integers(0, len(sources), (n_boot, len(sources)))
-    cl_idx = [np.concatenate([by_src[sources[k]] for k in row]) for row in cl]
-
-    def boot(x: np.ndarray, y: np.ndarray) -> dict[str, list[float] | None]:
-        return {
-            "pairs": _boot_ci(np.array([_spearman(x[i], y[i]) for i in idx])),
-            "by_source": _boot_ci(np.array([_spearman(x[i], y[i]) for i in cl_idx])),
-        }
-
-    out: dict[str, Any] = {"n_pairs": len(pairs), "n_sources": len(sources), "sources": sources}
+    rs = _Resamples.draw(np.array([s for s, _ in pairs]), n_boot, seed)
+    out: dict[str, Any] = {"n_pairs": len(pairs), "n_sources": len(rs.sources)}
+    out["sources"] = rs.sources
     c = _corrs(js, leak)
-    out.update(
-        {
-            "js_spearman_rho": c["spearman_rho"],
-            "js_spearman_p": c["spearman_p"],
-            "js_pearson_r": c["pearson_r"],
-            "js_pearson_p": c["pearson_p"],
-            "js_spearman_ci": boot(js, leak),
-        }
-    )
+    out["js_spearman_rho"], out["js_spearman_p"] = c["spearman_rho"], c["spearman_p"]
+    out["js_pearson_r"], out["js_pearson_p"] = c["pearson_r"], c["pearson_p"]
+    out["js_spearman_ci"] = rs.spearman_ci(js, leak)
     if m.kl is not None:
         kl_f = np.array([m.kl[m.index(s), m.index(t)] for s, t in pairs])
         kl_r = np.array([m.kl[m.index(t), m.index(s)] for s, t in pairs])
@@ -416,46 +424,64 @@ def leakage_analysis(
         out["kl_target_to_source"] = _corrs(kl_r, leak)
     out["cosine"] = {}
     within: dict[str, Any] = {"js": {}}
-    for s in sources:
-        i = by_src[s]
+    for s in rs.sources:
+        i = rs.by_src[s]
         within["js"][s] = _nan_none(_spearman(js[i], leak[i]))
     for cm in cosines:
         vals = [cm.value(s, t) for s, t in pairs]
         if any(v is None for v in vals):
             continue
         cos = np.array(vals, dtype=float)
-        cc = _corrs(cos, leak)
-        entry: dict[str, Any] = {
-            "spearman_rho": cc["spearman_rho"],
-            "spearman_p": cc["spearman_p"],
-            "pearson_r": cc["pearson_r"],
-            "spearman_ci": boot(cos, leak),
+        out["cosine"][cm.key] = _cosine_vs_js(cos, js, leak, c["spearman_rho"], rs)
+        within[cm.key] = {
+            s: _nan_none(_spearman(cos[rs.by_src[s]], leak[rs.by_src[s]])) for s in rs.sources
         }
-        if cc["spearman_rho"] is not None and c["spearman_rho"] is not None:
-            # JS is a distance and cosine a similarity: compare rho(-JS, leak) with
-            # rho(cos, leak); the two share the leakage variable and the same pairs.
-            r12, r13 = -c["spearman_rho"], cc["spearman_rho"]
-            r23 = -_spearman(js, cos)
-            test = dependent_correlations(r12, r13, r23, len(pairs))
-            diff = np.array([-_spearman(js[i], leak[i]) - _spearman(cos[i], leak[i]) for i in idx])
-            diff_cl = np.array(
-                [-_spearman(js[i], leak[i]) - _spearman(cos[i], leak[i]) for i in cl_idx]
-            )
-            entry["comparison"] = {
-                "method": "Meng-Rosenthal-Rubin (1992) z for dependent correlations sharing "
-                "leakage, on Spearman rho(-JS, leakage) vs rho(cosine, leakage)",
-                "statistic": test["meng_rosenthal_rubin"]["z"],
-                "p": test["meng_rosenthal_rubin"]["p"],
-                "williams_steiger": test["williams_steiger"],
-                "rho_neg_js": r12,
-                "rho_cosine": r13,
-                "rho_neg_js_cosine": r23,
-                "difference": r12 - r13,
-                "difference_ci": {"pairs": _boot_ci(diff), "by_source": _boot_ci(diff_cl)},
-            }
-        within[cm.key] = {s: _nan_none(_spearman(cos[by_src[s]], leak[by_src[s]])) for s in sources}
-        out["cosine"][cm.key] = entry
-    out["within_source"] = {
+    out["within_source"] = _within_source(within)
+    out["directed_pairs"] = [
+        {"source": s, "target": t, "leakage_rate": float(r), "js": float(j)}
+        for (s, t), r, j in zip(pairs, leak, js, strict=True)
+    ]
+    return out
+
+
+def _cosine_vs_js(
+    cos: np.ndarray, js: np.ndarray, leak: np.ndarray, js_rho: float | None, rs: _Resamples
+) -> dict[str, Any]:
+    """One cosine measure against leakage, and compared with -JS (dependent correlations)."""
+    cc = _corrs(cos, leak)
+    entry: dict[str, Any] = {
+        "spearman_rho": cc["spearman_rho"],
+        "spearman_p": cc["spearman_p"],
+        "pearson_r": cc["pearson_r"],
+        "spearman_ci": rs.spearman_ci(cos, leak),
+    }
+    if cc["spearman_rho"] is None or js_rho is None:
+        return entry
+    # JS is a distance and cosine a similarity: compare rho(-JS, leak) with
+    # rho(cos, leak); the two share the leakage variable and the same pairs.
+    r12, r13 = -js_rho, cc["spearman_rho"]
+    r23 = -_spearman(js, cos)
+    test = dependent_correlations(r12, r13, r23, len(js))
+    diff = np.array([-_spearman(js[i], leak[i]) - _spearman(cos[i], leak[i]) for i in rs.idx])
+    diff_cl = np.array([-_spearman(js[i], leak[i]) - _spearman(cos[i], leak[i]) for i in rs.cl_idx])
+    entry["comparison"] = {
+        "method": "Meng-Rosenthal-Rubin (1992) z for dependent correlations sharing "
+        "leakage, on Spearman rho(-JS, leakage) vs rho(cosine, leakage)",
+        "statistic": test["meng_rosenthal_rubin"]["z"],
+        "p": test["meng_rosenthal_rubin"]["p"],
+        "williams_steiger": test["williams_steiger"],
+        "rho_neg_js": r12,
+        "rho_cosine": r13,
+        "rho_neg_js_cosine": r23,
+        "difference": r12 - r13,
+        "difference_ci": {"pairs": _boot_ci(diff), "by_source": _boot_ci(diff_cl)},
+    }
+    return entry
+
+
+def _within_source(within: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+    """Spearman rho inside each source persona, per measure, and its mean over sources."""
+    return {
         "note": "Spearman rho inside each source persona (null where leakage is constant); "
         "pooled pairs cluster by source",
         **within,
@@ -468,11 +494,6 @@ def leakage_analysis(
             for k, v in within.items()
         },
     }
-    out["directed_pairs"] = [
-        {"source": s, "target": t, "leakage_rate": float(r), "js": float(j)}
-        for (s, t), r, j in zip(pairs, leak, js, strict=True)
-    ]
-    return out
 
 
 def _nan_none(x: float) -> float | None:
@@ -594,7 +615,7 @@ def analyze(
 
 
 def matrices_from_result(result: Any) -> PersonaMatrices:
-    """PersonaMatrices from an in-memory :class:`divscope.persona_run.PersonaResult`, with the
+    """PersonaMatrices from an in-memory :class:`divscope.personas.pipeline.PersonaResult`, with the
     same per-question keys (question ids) as :func:`load_matrices` on the written files."""
     m = PersonaMatrices(
         list(result.names),

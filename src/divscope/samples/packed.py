@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from divscope.errors import SampleFileError
-from divscope.samples import (
+from divscope.samples.errors import SampleFileError
+from divscope.samples.records import (
     _LOGPROB_TOLERANCE,
     CrossScore,
     PromptSamples,

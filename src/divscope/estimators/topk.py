@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from divscope.samples import TokenScores
+from divscope.samples.records import TokenScores
 
 LN2 = float(np.log(2.0))
 # A tail mass below this is rounding in the API's logprobs. Raising Q's tail to it can only

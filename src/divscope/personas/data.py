@@ -1,0 +1,77 @@
+"""Personas and questions: the YAML files, validated (each error names the file, entry and fix)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    text: str
+    category: str | None = None
+
+
+class PersonaDataError(ValueError):
+    """A personas or questions file cannot be used; names the file, the entry and the fix."""
+
+
+def _entries(path: Path, key: str) -> list[Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise PersonaDataError(f"{path}: no such file. Fix: check the path") from e
+    except yaml.YAMLError as e:
+        raise PersonaDataError(f"{path}: not valid YAML ({e}). Fix: fix the syntax") from e
+    entries = raw.get(key) if isinstance(raw, dict) else raw
+    if not isinstance(entries, list) or not entries:
+        raise PersonaDataError(
+            f"{path}: expected a non-empty list under `{key}:`. Fix: see data/{key}/"
+        )
+    return entries
+
+
+def load_personas(path: str | Path, n: int | None = None) -> list[Persona]:
+    """The first ``n`` personas of a YAML file (``personas: [{name, prompt}]``)."""
+    out = []
+    for i, e in enumerate(_entries(Path(path), "personas")):
+        if (
+            not isinstance(e, dict)
+            or not isinstance(e.get("name"), str)
+            or not isinstance(e.get("prompt"), str)
+        ):
+            raise PersonaDataError(
+                f"{path}: persona {i} needs string `name` and `prompt`. "
+                "Fix: write {name: ..., prompt: ...}"
+            )
+        out.append(Persona(e["name"], e["prompt"]))
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        dup = next(x for x in names if names.count(x) > 1)
+        raise PersonaDataError(f"{path}: persona name {dup!r} appears twice. Fix: rename one")
+    return out[:n] if n else out
+
+
+def load_questions(path: str | Path, n: int | None = None) -> list[Question]:
+    """The first ``n`` questions of a YAML file (``questions: [{id, text, category}]``)."""
+    out = []
+    for i, e in enumerate(_entries(Path(path), "questions")):
+        if isinstance(e, str):
+            e = {"id": f"q{i:02d}", "text": e}
+        if not isinstance(e, dict) or not isinstance(e.get("text"), str):
+            raise PersonaDataError(
+                f"{path}: question {i} needs a string `text`. "
+                "Fix: write {id: ..., text: ..., category: ...}"
+            )
+        out.append(Question(str(e.get("id", f"q{i:02d}")), e["text"], e.get("category")))
+    return out[:n] if n else out

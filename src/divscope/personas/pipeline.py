@@ -1,0 +1,466 @@
+"""The persona pipeline: generate, check the seam, score units, aggregate, check, write.
+
+:func:`run_personas` reads as those steps; each is a function below with its inputs and
+outputs in its signature. The unit of work (one question's responses under every persona) is
+:func:`divscope.personas.units.score_question`; units are cached by content under
+``<cache>/personas/<model key>/`` (model, prompt ids, response ids, parameters), so a rerun is
+instant and an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from divscope.models.chat import PromptRenderer
+from divscope.models.load import cache_dir, load_model, resolve_model
+from divscope.models.teacher_force import PERSONA_BATCH, UnitScores, output_head
+from divscope.personas.data import Persona, Question
+from divscope.personas.matrices import aggregate, check_matrices, cosine_matrices, twin_deviation
+from divscope.personas.units import QuestionUnit, UnitCache, content_hash, score_question
+from divscope.runmeta import atomic_write_json, atomic_write_text, run_metadata
+
+TWIN_SUFFIX = "__twin"
+
+Responses = list[list[list[int]]]  # [generator][question] -> response token ids
+
+
+class PersonaCheckError(RuntimeError):
+    """A consistency check of the persona matrices failed (details in ``checks``)."""
+
+    def __init__(self, message: str, checks: dict[str, Any]):
+        super().__init__(message)
+        self.checks = checks
+
+
+def default_layers(n_layers: int, k: int = 4) -> list[int]:
+    """``k`` evenly spaced ``hidden_states`` indices ending at the last (``n_layers``)."""
+    return sorted({round(n_layers * (i + 1) / k) for i in range(k)})
+
+
+@dataclass
+class PersonaResult:
+    """Everything a persona run produces (also written to disk by :func:`write_outputs`)."""
+
+    model: str
+    personas: list[Persona]
+    questions: list[Question]
+    records: list[dict[str, Any]]
+    matrices: dict[str, np.ndarray]
+    per_prompt: list[dict[str, Any]]
+    cosine: dict[str, Any]
+    checks: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.personas]
+
+
+@dataclass
+class Setup:
+    """What every step needs: the model, its prompts for every (persona, question), the cache.
+
+    ``all_personas`` is ``personas`` plus the noise-floor twin when there is one; ``prompt_ids``
+    is indexed ``[persona][question]`` over ``all_personas``.
+    """
+
+    model: Any
+    tokenizer: Any
+    model_name: str
+    model_path: str
+    model_key: str
+    dtype: str
+    layers: list[int]
+    renderer: PromptRenderer
+    personas: list[Persona]
+    questions: list[Question]
+    all_personas: list[Persona]
+    prompt_ids: list[list[list[int]]]
+    stops: set[int]
+    cache: Path
+
+    @property
+    def noise_floor(self) -> bool:
+        """Whether a twin of persona 0 is scored (the noise-floor check)."""
+        return len(self.all_personas) > len(self.personas)
+
+
+def model_key(name: str, path: str, dtype: str) -> str:
+    """Content address of a model: its name, dtype and config files."""
+    p = Path(path)
+    ident = {"name": name, "dtype": dtype}
+    for f in ("config.json", "divscope.json"):
+        if (p / f).exists():
+            ident[f] = (p / f).read_text()
+    return content_hash(ident)
+
+
+def prepare(
+    model_name: str,
+    personas: list[Persona],
+    questions: list[Question],
+    *,
+    loaded: tuple[Any, Any] | None,
+    device: str,
+    dtype: str,
+    layers: list[int] | None,
+    noise_floor: bool,
+    unit_cache: str | Path | None,
+) -> Setup:
+    """Load the model (unless ``loaded``), render every prompt, open the unit cache."""
+    from divscope.models.generate import stop_ids
+
+    model, tok = loaded or load_model(model_name, device=device, dtype=dtype)
+    path = resolve_model(model_name) if loaded is None else model_name
+    key = model_key(model_name, path, dtype)
+    n_layers = model.config.num_hidden_layers
+    layers = layers or default_layers(n_layers)
+    if any(not 0 <= x <= n_layers for x in layers):
+        raise ValueError(f"layers must be in 0..{n_layers} (hidden_states indices)")
+    renderer = PromptRenderer(tok)
+    all_personas = list(personas)
+    if noise_floor:
+        all_personas.append(Persona(personas[0].name + TWIN_SUFFIX, personas[0].prompt))
+    prompt_ids = [[renderer.prompt_ids(p.prompt, q.text) for q in questions] for p in all_personas]
+    cache = (Path(unit_cache) if unit_cache else cache_dir() / "personas") / key
+    cache.mkdir(parents=True, exist_ok=True)
+    return Setup(
+        model=model,
+        tokenizer=tok,
+        model_name=model_name,
+        model_path=path,
+        model_key=key,
+        dtype=dtype,
+        layers=layers,
+        renderer=renderer,
+        personas=list(personas),
+        questions=list(questions),
+        all_personas=all_personas,
+        prompt_ids=prompt_ids,
+        stops=stop_ids(tok, model),
+        cache=cache,
+    )
+
+
+def generate_responses(
+    setup: Setup,
+    gen_params: dict[str, Any],
+    *,
+    backend: str,
+    gen_batch_size: int,
+    progress: bool,
+) -> Responses:
+    """Each persona answers each question (cached per prompt set): ``[g][q]`` -> ids."""
+    from tqdm.auto import tqdm
+
+    n, n_q = len(setup.personas), len(setup.questions)
+    flat = [setup.prompt_ids[g][q] for g in range(n) for q in range(n_q)]
+    gen_file = (
+        setup.cache
+        / f"gen_{content_hash({'prompts': flat, **gen_params, 'backend': backend})}.json"
+    )
+    if gen_file.exists():
+        return json.loads(gen_file.read_text())
+    if backend == "hf":
+        from divscope.models.generate import generate_hf
+
+        with tqdm(total=len(flat), desc="generating", unit="resp", disable=not progress) as bar:
+            out = generate_hf(
+                setup.model,
+                setup.tokenizer,
+                flat,
+                batch_size=gen_batch_size,
+                progress=bar,
+                **gen_params,
+            )
+    elif backend == "vllm":
+        from divscope.models.generate import generate_vllm
+
+        out = generate_vllm(setup.model_path, setup.tokenizer, flat, **gen_params)
+    else:
+        raise ValueError(f"backend must be 'hf' or 'vllm', not {backend!r}")
+    responses = [out[g * n_q : (g + 1) * n_q] for g in range(n)]
+    atomic_write_text(gen_file, json.dumps(responses), overwrite=True)
+    return responses
+
+
+def check_seam(setup: Setup, responses: Responses) -> dict[str, Any]:
+    """The chat-template seam, checked once on the first non-empty response."""
+    personas, questions, stops = setup.personas, setup.questions, setup.stops
+    n, n_q = len(personas), len(questions)
+    g0, q0 = next(
+        (
+            (g, q)
+            for g in range(n)
+            for q in range(n_q)
+            if [t for t in responses[g][q] if t not in stops]
+        ),
+        (0, 0),
+    )
+    return setup.renderer.check_seam(
+        personas[g0].prompt, questions[q0].text, setup.prompt_ids[g0][q0], responses[g0][q0], stops
+    )
+
+
+def score_units(
+    setup: Setup, responses: Responses, *, persona_batch: int | None, progress: bool
+) -> tuple[dict[tuple[int, int], UnitScores], int]:
+    """Score every response under every persona, question by question, through the cache.
+
+    Returns:
+        (generator, question) -> :class:`UnitScores`, and how many came from the cache.
+    """
+    from tqdm.auto import tqdm
+
+    personas, questions = setup.personas, setup.questions
+    n, n_q = len(personas), len(questions)
+    params = {"layers": setup.layers, "dtype": setup.dtype, "twin": setup.noise_floor}
+    cache = UnitCache(setup.cache, params)
+    tok = setup.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    head = output_head(setup.model)
+    units: dict[tuple[int, int], UnitScores] = {}
+    n_cached = 0
+    with tqdm(total=n * n_q, desc="teacher forcing", unit="resp", disable=not progress) as bar:
+        for q in range(n_q):
+            prompts = [setup.prompt_ids[o][q] for o in range(len(setup.all_personas))]
+            files = {g: cache.path(prompts, responses[g][q], g, g == 0) for g in range(n)}
+            todo = {}
+            for g in range(n):
+                u = cache.read(files[g], hidden=g == 0)
+                if u is not None:
+                    units[(g, q)] = u
+                    n_cached += 1
+                elif not responses[g][q]:
+                    raise RuntimeError(
+                        f"persona {personas[g].name!r} generated nothing for "
+                        f"question {questions[q].id!r}"
+                    )
+                else:
+                    todo[g] = responses[g][q]
+            unit = QuestionUnit(prompts, todo, 0, setup.layers)
+            for g, u in score_question(
+                setup.model, unit, persona_batch=persona_batch, pad_id=pad, head=head
+            ).items():
+                cache.write(files[g], u)
+                units[(g, q)] = u
+            bar.update(n)
+    return units, n_cached
+
+
+def per_prompt_rows(setup: Setup, units: dict[tuple[int, int], UnitScores]) -> list[dict[str, Any]]:
+    """One row per (generator, other, question), question-major."""
+    personas, questions = setup.personas, setup.questions
+    n = len(personas)
+    return [
+        {
+            "generator": personas[g].name,
+            "other": personas[o].name,
+            "question_id": questions[q].id,
+            "js": float(u.js[o]),
+            "kl_fwd": float(u.kl_fwd[o]),
+            "kl_rev": float(u.kl_rev[o]),
+            "n_tokens": u.n_tokens,
+        }
+        for (g, q), u in sorted(units.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+        for o in range(n)
+    ]
+
+
+def generation_records(setup: Setup, responses: Responses) -> list[dict[str, Any]]:
+    """One record per (persona, question): prompt and response ids and the response text."""
+    decode, stops = setup.tokenizer.decode, setup.stops
+    return [
+        {
+            "persona": p.name,
+            "question_id": q.id,
+            "question": q.text,
+            "prompt_token_ids": setup.prompt_ids[g][i],
+            "response_token_ids": responses[g][i],
+            "response_text": decode([t for t in responses[g][i] if t not in stops]),
+        }
+        for g, p in enumerate(setup.personas)
+        for i, q in enumerate(setup.questions)
+    ]
+
+
+def hidden_states(setup: Setup, units: dict[tuple[int, int], UnitScores]) -> np.ndarray:
+    """``(N, Q, n_layers, H)`` hidden states at each persona's last prompt position."""
+    n, n_q = len(setup.personas), len(setup.questions)
+    h = setup.model.config.hidden_size
+    hidden = np.zeros((len(setup.all_personas), n_q, len(setup.layers), h), np.float32)
+    for q in range(n_q):
+        hidden[:, q] = units[(0, q)].hidden
+    return hidden[:n]
+
+
+def check(
+    setup: Setup,
+    matrices: dict[str, np.ndarray],
+    units: dict[tuple[int, int], UnitScores],
+    seam: dict[str, Any],
+) -> dict[str, Any]:
+    """The consistency checks of the matrices, the noise floor, the seam and the BOS count."""
+    n = len(setup.personas)
+    checks = check_matrices(matrices, twin_deviation(units, n) if setup.noise_floor else None)
+    renderer = setup.renderer
+    if max(renderer.leading_bos(p) for row in setup.prompt_ids for p in row) > 1:
+        renderer.warnings.append("prompts start with more than one BOS token")
+    checks["seam"] = seam
+    return checks
+
+
+def run_metadata_record(
+    setup: Setup,
+    params: dict[str, Any],
+    units: dict[tuple[int, int], UnitScores],
+    n_cached: int,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The run's metadata: parameters, model identity, template warnings, counts, timings."""
+    renderer, ids = setup.renderer, [p for row in setup.prompt_ids for p in row]
+    return run_metadata(
+        "personas",
+        params,
+        model=setup.model_name,
+        model_path=setup.model_path,
+        model_key=setup.model_key,
+        dtype=params["dtype"],
+        warnings=renderer.warnings,
+        bos_token=setup.tokenizer.bos_token,
+        bos_tokens_per_prompt=sorted({renderer.bos_count(p) for p in ids}),
+        leading_bos_tokens=sorted({renderer.leading_bos(p) for p in ids}),
+        tokens_scored=sum(u.n_tokens for u in units.values()) * len(setup.all_personas),
+        units=len(units),
+        units_from_cache=n_cached,
+        timings_s=timings,
+    )
+
+
+def run_personas(
+    model_name: str,
+    personas: list[Persona],
+    questions: list[Question],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    layers: list[int] | None = None,
+    backend: str = "hf",
+    device: str = "cpu",
+    dtype: str = "float32",
+    gen_batch_size: int = 16,
+    persona_batch: int | None = PERSONA_BATCH,
+    noise_floor: bool = True,
+    progress: bool = True,
+    loaded: tuple[Any, Any] | None = None,
+    unit_cache: str | Path | None = None,
+) -> PersonaResult:
+    """Run the persona pipeline (DESIGN.md, pipeline 2) and return its result.
+
+    Matrices (means over questions, nats; g = generating persona, o = other): see
+    :func:`divscope.personas.matrices.aggregate`. ``loaded`` passes an already loaded
+    ``(model, tokenizer)``; ``unit_cache`` overrides where units are cached (default
+    ``<cache>/personas``).
+
+    Raises:
+        PersonaCheckError: A consistency check failed (the result is attached as
+            ``error.result``; outputs are still written by the caller if wanted).
+        TemplateSeamError: The chat template breaks the prompt/response seam.
+    """
+    t0 = time.perf_counter()
+    setup = prepare(
+        model_name, personas, questions, loaded=loaded, device=device, dtype=dtype,
+        layers=layers, noise_floor=noise_floor, unit_cache=unit_cache,
+    )  # fmt: skip
+    timings = {"load_model": time.perf_counter() - t0}
+    gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    gen["seed"] = seed
+    responses = generate_responses(
+        setup, gen, backend=backend, gen_batch_size=gen_batch_size, progress=progress
+    )
+    timings["generate"] = time.perf_counter() - t0 - timings["load_model"]
+    seam = check_seam(setup, responses)
+    t2 = time.perf_counter()
+    units, n_cached = score_units(setup, responses, persona_batch=persona_batch, progress=progress)
+    timings["teacher_force"] = time.perf_counter() - t2
+    matrices = aggregate(units, len(personas), len(questions))
+    checks = check(setup, matrices, units, seam)
+    timings["total"] = time.perf_counter() - t0
+    params = {**gen, "layers": setup.layers, "backend": backend, "device": device}
+    params |= {"dtype": dtype, "n_personas": len(personas), "n_questions": len(questions)}
+    params["persona_batch"] = persona_batch
+    result = PersonaResult(
+        model_name,
+        personas,
+        questions,
+        generation_records(setup, responses),
+        matrices,
+        per_prompt_rows(setup, units),
+        cosine_matrices(hidden_states(setup, units), setup.layers),
+        checks,
+        run_metadata_record(setup, params, units, n_cached, timings),
+    )
+    raise_if_failed(result)
+    return result
+
+
+def raise_if_failed(result: PersonaResult) -> None:
+    """Raise :class:`PersonaCheckError` (with the result attached) if a check failed."""
+    checks = result.checks
+    if not checks["all_ok"]:
+        bad = [k for k, v in checks.items() if isinstance(v, dict) and v.get("ok") is False]
+        err = PersonaCheckError(f"persona matrices failed checks: {bad}", checks)
+        err.result = result  # type: ignore[attr-defined]
+        raise err
+
+
+def write_outputs(
+    result: PersonaResult, out_dir: str | Path, *, overwrite: bool = False
+) -> dict[str, Path]:
+    """Write generations.json, divergence_matrices.json, per_prompt.csv, cosine.json and
+    metadata.json into ``out_dir`` (atomically; existing files only with ``overwrite``)."""
+    out = Path(out_dir)
+    names = result.names
+    files = {
+        "generations.json": {
+            "model": result.model,
+            "personas": {p.name: p.prompt for p in result.personas},
+            "questions": {q.id: {"text": q.text, "category": q.category} for q in result.questions},
+            "records": result.records,
+        },
+        "divergence_matrices.json": {
+            "personas": names,
+            **{k: v.tolist() for k, v in result.matrices.items()},
+            "checks": result.checks,
+            "metadata": result.metadata,
+        },
+        "cosine.json": {"personas": names, **result.cosine},
+        "metadata.json": result.metadata,
+    }
+    if not overwrite:
+        clash = [f for f in [*files, "per_prompt.csv"] if (out / f).exists()]
+        if clash:
+            raise FileExistsError(
+                f"{out} already holds {clash}; choose a new --out or pass --overwrite"
+            )
+    written = {}
+    for name, obj in files.items():
+        written[name] = atomic_write_json(out / name, obj, overwrite=True)
+    lines = ["generator,other,question_id,js,kl_fwd,kl_rev,n_tokens"]
+    lines += [
+        f"{r['generator']},{r['other']},{r['question_id']},{r['js']!r},{r['kl_fwd']!r},"
+        f"{r['kl_rev']!r},{r['n_tokens']}"
+        for r in result.per_prompt
+    ]
+    written["per_prompt.csv"] = atomic_write_text(
+        out / "per_prompt.csv", "\n".join(lines) + "\n", overwrite=True
+    )
+    return written

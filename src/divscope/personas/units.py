@@ -1,0 +1,132 @@
+"""The persona pipeline's unit of work: one question's responses under every persona.
+
+:func:`score_question` is the work itself: it takes the model and a plain
+:class:`QuestionUnit` (token ids and settings) and returns plain :class:`UnitScores` (numpy
+arrays), so it can run in another process that holds its own copy of the model.
+:class:`UnitCache` keeps each response's scores on disk by content (model, prompt ids,
+response ids, parameters): a rerun reads them back and an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from divscope.models.teacher_force import PromptKV, UnitScores, prompt_kv, teacher_force
+
+
+def content_hash(obj: Any) -> str:
+    """A short, stable hash of a JSON-able object (the cache's content address)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class QuestionUnit:
+    """One question's work: every persona's prompt ids and the responses still to score.
+
+    Attributes:
+        prompts: Prompt ids per persona (the twin included), in persona order.
+        responses: Generator persona index -> its response ids, for the responses to score.
+        hidden_generator: The generator whose unit also returns the hidden states at each
+            persona's last prompt position (None: no hidden states).
+        layers: ``hidden_states`` indices for those hidden states.
+    """
+
+    prompts: list[list[int]]
+    responses: dict[int, list[int]]
+    hidden_generator: int | None
+    layers: list[int]
+
+
+def score_question(
+    model: Any,
+    unit: QuestionUnit,
+    *,
+    persona_batch: int | None,
+    pad_id: int,
+    head: tuple[Any, Any, float | None] | None = None,
+) -> dict[int, UnitScores]:
+    """Teacher-force each response of ``unit`` under every persona's prompt.
+
+    The question's prompts run once (:func:`prompt_kv`); each response then runs only its own
+    tokens against them. Generators are scored in ascending order.
+
+    Returns:
+        Generator index -> its :class:`UnitScores` (``(N,)`` JS, KL(P_g||P_o), KL(P_o||P_g)
+        in nats, mean over the response's positions).
+    """
+    if not unit.responses:
+        return {}
+    kv: PromptKV | None = prompt_kv(
+        model, unit.prompts, layers=unit.layers, persona_batch=persona_batch, pad_id=pad_id
+    )
+    out = {}
+    for g in sorted(unit.responses):
+        out[g] = teacher_force(
+            model,
+            unit.prompts,
+            unit.responses[g],
+            g,
+            layers=unit.layers if g == unit.hidden_generator else None,
+            persona_batch=persona_batch,
+            pad_id=pad_id,
+            head=head,
+            kv=kv,
+        )
+    return out
+
+
+class UnitCache:
+    """Per-response scores on disk, one ``unit_<hash>.npz`` each, addressed by content."""
+
+    def __init__(self, root: Path, params: dict[str, Any]) -> None:
+        self.root = root
+        self.params = params  # layers, dtype, twin: part of every key
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, prompts: list[list[int]], response: list[int], g: int, hidden: bool) -> Path:
+        """The file of generator ``g``'s response to the question with these prompts."""
+        key = content_hash(
+            {
+                "prompts": prompts,
+                "response": response,
+                "generator": g,
+                "hidden": hidden,
+                **self.params,
+            }
+        )
+        return self.root / f"unit_{key}.npz"
+
+    @staticmethod
+    def read(path: Path, hidden: bool) -> UnitScores | None:
+        """The cached scores, or None when the file does not exist."""
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            return UnitScores(
+                z["js"],
+                z["kl_fwd"],
+                z["kl_rev"],
+                int(z["n_tokens"]),
+                z["hidden"] if hidden else None,
+            )
+
+    @staticmethod
+    def write(path: Path, u: UnitScores) -> None:
+        """Write ``u`` atomically (a temporary file, then a rename)."""
+        arrays = {
+            "js": u.js,
+            "kl_fwd": u.kl_fwd,
+            "kl_rev": u.kl_rev,
+            "n_tokens": np.array(u.n_tokens),
+        }
+        if u.hidden is not None:
+            arrays["hidden"] = u.hidden
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)

@@ -1,0 +1,85 @@
+"""The prompt dataset of a sampling run: read it (local JSONL/text or a Hugging Face dataset)
+and pick the seeded subset."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from divscope.sampling.config import ConfigError, DatasetSpec
+
+
+@dataclass
+class PromptItem:
+    """A prompt of the dataset; ``index`` is its position in the full prompt file."""
+
+    index: int
+    prompt: str
+    id: str | None = None
+    category: str | None = None
+
+
+def load_prompts(ds: DatasetSpec, config_path: str | Path = "<config>") -> list[PromptItem]:
+    """Read the prompt dataset (local .jsonl/.txt, or a Hugging Face dataset)."""
+    if ds.source == "huggingface":
+        try:
+            import datasets  # noqa: PLC0415 - optional, needs a network
+        except ImportError as e:
+            raise ConfigError(
+                config_path,
+                "dataset.source",
+                "huggingface needs `datasets`",
+                "pip install datasets, or use source: local",
+            ) from e
+        rows = datasets.load_dataset(ds.name, split=ds.split)
+        return [
+            PromptItem(i, str(r[ds.prompt_field]), category=r.get("category"))
+            for i, r in enumerate(rows)
+        ]
+    path = Path(ds.path)
+    if not path.exists() and config_path != "<config>":
+        path = Path(config_path).parent / ds.path
+    if not path.exists():
+        raise ConfigError(
+            config_path,
+            "dataset.path",
+            f"{ds.path} does not exist",
+            "give a prompts file relative to the working directory",
+        )
+    items = []
+    if path.suffix == ".txt":
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        return [PromptItem(i, ln) for i, ln in enumerate(x for x in lines if x)]
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                config_path,
+                "dataset.path",
+                f"{path} line {n} is not JSON ({e})",
+                "fix the prompts file",
+            ) from e
+        if not isinstance(row, dict) or not isinstance(row.get(ds.prompt_field), str):
+            raise ConfigError(
+                config_path,
+                "dataset.prompt_field",
+                f"{path} line {n} has no string field {ds.prompt_field!r}",
+                "fix the file or set dataset.prompt_field",
+            )
+        items.append(
+            PromptItem(len(items), row[ds.prompt_field], row.get("id"), row.get("category"))
+        )
+    return items
+
+
+def select_prompts(items: list[PromptItem], num: int | None, seed: int) -> list[PromptItem]:
+    """A seeded random subset of ``num`` prompts, kept in file order (all when None)."""
+    if num is None or num >= len(items):
+        return list(items)
+    chosen = sorted(random.Random(seed).sample(range(len(items)), num))
+    return [items[i] for i in chosen]
