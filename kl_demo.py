@@ -1,9 +1,15 @@
 # %% [markdown]
 # # kl_demo — on which prompts do two models answer most differently?
 #
-# Reads two files of sampled responses with per-token logprobs (same prompts, two models),
-# scores every prompt with the best divergence measure the files support, and ranks them.
-# With cross-scores (each model's logprobs of the other's responses) that is `mc_kl`, a
+# Two sources. `SOURCE = "files"`: reads two files of sampled responses with per-token
+# logprobs (same prompts, two models, e.g. from an API), scores every prompt with the best
+# divergence measure the files support, and ranks them. `SOURCE = "models"`: runs two local
+# models (a base and its fine-tuned or quantized variant, same tokenizer), samples from both
+# and teacher-forces every response under both, so KL and JS are exact at every position over
+# the whole vocabulary; the shipped pair is SmolLM2-135M-Instruct vs the same model with a
+# pirate LoRA adapter (data/adapters/smollm2-pirate-lora/).
+#
+# With files and cross-scores (each model's logprobs of the other's responses) that is `mc_kl`, a
 # Monte Carlo KL estimate (plus lower bounds from the top-k logprobs when the two models
 # share a tokenizer); without them only the legacy position-aligned heuristic exists, and the
 # output says so. The shipped data: SmolLM2-135M-Instruct vs Gemma-3-270M, 72 prompts in 10
@@ -14,6 +20,7 @@
 # Results go to `eval_results/<run>/`, figures to `figures/<run>/`.
 
 # %% Parameters
+SOURCE = "files"  # "files": two sample files; "models": run MODEL_A and MODEL_B locally
 MODEL1_FILE = "data/samples/smollm2_vs_gemma3/smollm2-135m-instruct.jsonl"  # model A samples
 MODEL2_FILE = "data/samples/smollm2_vs_gemma3/gemma-3-270m.jsonl"  # model B, same prompts
 MAX_PROMPTS = None  # score only the first K prompts (None = all)
@@ -24,6 +31,15 @@ SEED = 0  # bootstrap seed
 OUTPUT_DIR = "eval_results"  # results: OUTPUT_DIR/<run>/ranking.json + metadata.json
 FIGURES_DIR = "figures"  # figures: FIGURES_DIR/<run>/*.png
 RUN_PREFIX = "kl_demo"  # run names are <prefix>_<UTC timestamp>
+MODEL_A = "smollm2-135m-instruct"  # models: the base, MODEL[,adapter=DIR][,dtype=DTYPE]
+MODEL_B = "smollm2-135m-instruct,adapter=data/adapters/smollm2-pirate-lora"  # models: variant
+PROMPTS_FILE = "data/prompts/prompts.jsonl"  # models: JSONL with prompt (and category)
+N_PROMPTS = 20  # models: K prompts spread evenly over PROMPTS_FILE (None = all)
+N_SAMPLES = 4  # models: responses per prompt from each model
+MAX_NEW_TOKENS = 32  # models: tokens per response
+TEMPERATURE = 1.0  # models: sampling temperature (1.0: the model's own distribution)
+DEVICE = "cpu"  # models: "cpu" or "cuda"
+DTYPE = "float32"  # models: weights of both (a spec's dtype=... overrides it)
 
 # %% Imports
 import time
@@ -35,6 +51,9 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
+from divscope.diff.conditions import parse_spec
+from divscope.diff.outputs import write_outputs
+from divscope.diff.pipeline import read_prompts, run_diff
 from divscope.estimators.contributions import token_contributions
 from divscope.estimators.ranking import category_summary, rank_prompts
 from divscope.report import plots
@@ -57,9 +76,27 @@ def show(fig: plt.Figure, name: str) -> None:
         plt.show()
 
 
-# %% Load the two sample files
-a, b = load_pair(MODEL1_FILE, MODEL2_FILE)
+# %% Load the two sample files, or run the two models and write their samples
+diff = None
+if SOURCE == "models":
+    diff = run_diff(
+        parse_spec(MODEL_A, default_dtype=DTYPE),
+        parse_spec(MODEL_B, default_dtype=DTYPE),
+        read_prompts(PROMPTS_FILE, N_PROMPTS, spread=True),
+        samples=N_SAMPLES,
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        metric=METRIC or "kl",
+        n_bootstrap=N_BOOTSTRAP,
+        seed=SEED,
+        device=DEVICE,
+    )
 run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
+if diff is not None:  # both sides' samples as sample files: every cell below reads them
+    write_outputs(diff, run_dir)
+    a, b = load_pair(run_dir / "samples_a.jsonl", run_dir / "samples_b.jsonl")
+else:
+    a, b = load_pair(MODEL1_FILE, MODEL2_FILE)
 fig_dir = Path(FIGURES_DIR) / run_dir.name
 fig_dir.mkdir(parents=True, exist_ok=True)
 t_loaded = time.perf_counter()
@@ -104,10 +141,13 @@ first = pd.DataFrame(
 )
 display(first)
 
-# %% Score and rank every prompt
-ranking = rank_prompts(
-    a, b, metric=METRIC, max_prompts=MAX_PROMPTS, n_bootstrap=N_BOOTSTRAP, seed=SEED
-)
+# %% Score and rank every prompt (models: the exact scores computed above)
+if diff is not None:
+    ranking = diff.ranking
+else:
+    ranking = rank_prompts(
+        a, b, metric=METRIC, max_prompts=MAX_PROMPTS, n_bootstrap=N_BOOTSTRAP, seed=SEED
+    )
 t_ranked = time.perf_counter()
 print(f"ranked by {ranking.metric} [{ranking.units[ranking.metric]}]")
 for note in ranking.notes:
@@ -117,29 +157,69 @@ display(table.head(TOP_N_DISPLAY))
 
 # %% The most different prompt, in full, with a token-level view
 top = min((p for p in ranking.prompts if p.rank is not None), key=lambda p: p.rank)
-ra, rb = a.records[top.index], b.records[top.index]
+ra, rb = a.record(top.index), b.record(top.index)
 print(f"#1 by {ranking.metric} = {top.scores[ranking.metric]:.4f}  CI {top.ci[ranking.metric]}")
 print(f"PROMPT [{top.index}]: {top.prompt}\n")
 for name, rec in (("A: " + a.model, ra), ("B: " + b.model, rb)):
     print(f"--- {name}, response 0 of {len(rec.usable)} ---")
     print(rec.usable[0].text[:1000] + ("…" if len(rec.usable[0].text) > 1000 else ""), "\n")
-tokens, values, kind = token_contributions(ra, rb, 0, model_b=b.model)
-fig = plots.token_view(
-    tokens,
-    values,
-    title=f"A's response 0 to prompt #{top.index}, coloured by per-token {kind} contribution "
-    "(red: A more likely than B; blue: B more likely; grey: not matched in B)",
-)
+if diff is not None:  # exact: KL(P_A||P_B) at each position of A's response 0
+    i = next(i for i, p in enumerate(diff.setup.prompts) if p.index == top.index)
+    tokens = ra.usable[0].scores.tokens
+    values = diff.units[i].sides["a"].split("kl_ab")[0]
+    what = "exact KL(P_A||P_B) at each position (nats; darker: more different)"
+else:
+    tokens, values, kind = token_contributions(ra, rb, 0, model_b=b.model)
+    what = (
+        f"per-token {kind} contribution (red: A more likely than B; blue: B more likely; "
+        "grey: not matched in B)"
+    )
+fig = plots.token_view(tokens, values, title=f"A's response 0 to prompt #{top.index}: {what}")
 show(fig, "top_prompt_tokens")
+
+# %% Models: the dataset summary (llama.cpp's KL report, on each side's samples)
+if diff is not None:
+    rows = {
+        k: diff.summary[f"on_{s}_samples"] for k, s in (("A's samples", "a"), ("B's samples", "b"))
+    }
+    keys = ["kl_direction", "tokens", "kl_mean", "kl_se", "kl_max", "same_top_rate"]
+    keys += ["same_top_rate_se", "rms_dp", "ln_ppl_ratio_b_over_a", "js_mean", "js_se"]
+    table = pd.DataFrame({k: {c: v[c] for c in keys} for k, v in rows.items()})
+    pct = pd.DataFrame({k: v["kl_percentiles"] for k, v in rows.items()})
+    display(table)
+    display(pct.rename(index=lambda p: f"KL percentile {p}"))
+    for note in diff.summary["notes"]:
+        print("note:", note)
+else:
+    print("SOURCE = 'files': no exact values (run the models for the dataset summary)")
+
+# %% Models: what changed — the tokens B raises and lowers most, over every scored position
+if diff is not None:
+    ch = diff.changed["overall"]
+    display(
+        pd.DataFrame(
+            {
+                "raised in B": [t["token"] for t in ch["boosted_in_b"][:12]],
+                "mean Δp": [t["delta_prob"] for t in ch["boosted_in_b"][:12]],
+                "lowered in B": [t["token"] for t in ch["suppressed_in_b"][:12]],
+                "mean Δp ": [t["delta_prob"] for t in ch["suppressed_in_b"][:12]],
+            }
+        )
+    )
+    for cat, c in diff.changed["by_category"].items():
+        up = ", ".join(repr(t["token"]) for t in c["boosted_in_b"][:5])
+        down = ", ".join(repr(t["token"]) for t in c["suppressed_in_b"][:5])
+        print(f"{cat}: B raises {up}; lowers {down}")
 
 # %% Summary statistics
 m = ranking.metric
 vals = pd.Series([p.scores[m] for p in ranking.prompts if p.scores.get(m) is not None])
 stats = vals.describe().to_frame(m).T
 stats["unscored"] = sum(p.rank is None for p in ranking.prompts)
-stats["mean matched-token share"] = np.mean(
-    [p.coverage.get("matched_token_share", np.nan) for p in ranking.prompts]
-)
+if diff is None:
+    stats["mean matched-token share"] = np.mean(
+        [p.coverage.get("matched_token_share", np.nan) for p in ranking.prompts]
+    )
 display(stats)
 
 # %% Per-category means (bootstrap CI over the category's prompts)
@@ -158,17 +238,18 @@ else:
     print("no prompt categories in these files; skipping the per-category figure")
 
 # %% Save the ranking and a metadata record
-atomic_write_json(run_dir / "ranking.json", ranking.to_json())
+if diff is None:
+    atomic_write_json(run_dir / "ranking.json", ranking.to_json())
+    params = {"SOURCE": SOURCE, "MODEL1_FILE": MODEL1_FILE, "MODEL2_FILE": MODEL2_FILE}
+    params["MAX_PROMPTS"] = MAX_PROMPTS
+else:  # ranking.json, summary.json, what_changed.json and the samples are written above
+    params = {"SOURCE": SOURCE, "MODEL_A": MODEL_A, "MODEL_B": MODEL_B}
+    params |= {"PROMPTS_FILE": PROMPTS_FILE, "N_PROMPTS": N_PROMPTS, "N_SAMPLES": N_SAMPLES}
+    params |= {"MAX_NEW_TOKENS": MAX_NEW_TOKENS, "TEMPERATURE": TEMPERATURE, "DTYPE": DTYPE}
+params |= {"METRIC": ranking.metric, "N_BOOTSTRAP": N_BOOTSTRAP, "SEED": SEED}
 meta = run_metadata(
     "kl_demo",
-    {
-        "MODEL1_FILE": MODEL1_FILE,
-        "MODEL2_FILE": MODEL2_FILE,
-        "MAX_PROMPTS": MAX_PROMPTS,
-        "METRIC": ranking.metric,
-        "N_BOOTSTRAP": N_BOOTSTRAP,
-        "SEED": SEED,
-    },
+    params,
     models=ranking.models,
     figures=str(fig_dir),
     timings_s={
@@ -177,7 +258,9 @@ meta = run_metadata(
         "total": time.perf_counter() - t_start,
     },
 )
-atomic_write_json(run_dir / "metadata.json", meta)
+if diff is not None:
+    meta["diff"] = diff.metadata
+atomic_write_json(run_dir / "metadata.json", meta, overwrite=diff is not None)
 print(f"wrote {run_dir}/ranking.json and metadata.json; figures in {fig_dir}")
 
 # %% A self-contained HTML report of this run (tables, figures, token view with hover)

@@ -21,6 +21,7 @@ BENCHES = (
         "teacher_force_bfloat16.json",
     ),
     ("ranking", "bench_ranking", [], "ranking.json"),
+    ("diff", "bench_diff", [], "diff.json"),
     ("losses", "bench_losses", [], "losses_memory.json"),
 )
 

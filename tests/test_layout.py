@@ -112,6 +112,8 @@ def test_only_runmeta_and_gcpause_are_shared_top_level_modules():
         ("divscope.estimators.ranking", ["rank_prompts", "category_summary"]),
         ("divscope.report.html", ["build_report"]),
         ("divscope.cli", ["main"]),
+        ("divscope.diff.pipeline", ["run_diff", "read_prompts"]),
+        ("divscope.diff.outputs", ["write_outputs"]),
     ],
 )
 def test_public_entry_points(module, names):

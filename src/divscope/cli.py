@@ -1,4 +1,4 @@
-"""The ``divscope`` command line: ``rank``, ``sample``, ``personas``, ``convert``."""
+"""The ``divscope`` command line: rank, sample, personas, diff, analyze, report, convert."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from divscope import __version__
+from divscope.diff.conditions import DiffInputError
 from divscope.estimators.ranking import ALL_METRICS, Ranking, rank_prompts
 from divscope.models.chat import TemplateSeamError
+from divscope.models.load import ModelNotFoundError
 from divscope.personas.data import PersonaDataError
 from divscope.report.html import ReportError
 from divscope.runmeta import atomic_write_json
@@ -153,6 +155,49 @@ def _cmd_personas(args: argparse.Namespace) -> int:
         print(f"  farthest: {a} vs {b}: JS {v:.4f} nats")
     for v, a, b in pairs[-3:][::-1]:
         print(f"  closest:  {a} vs {b}: JS {v:.4f} nats")
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from divscope.diff.conditions import parse_spec
+    from divscope.diff.outputs import FILES, write_outputs
+    from divscope.diff.pipeline import read_prompts, run_diff
+
+    a = parse_spec(args.a, args.system_a, args.dtype)
+    b = parse_spec(args.b, args.system_b, args.dtype)
+    prompts = read_prompts(args.prompts, args.max_prompts)
+    out = Path(args.out)
+    clash = [f for f in FILES if (out / f).exists()]
+    if clash and not args.overwrite:
+        raise FileExistsError(f"{out} already holds {clash}")
+    result = run_diff(
+        a,
+        b,
+        prompts,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        metric=args.metric,
+        n_bootstrap=args.n_bootstrap,
+        backend=args.backend,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    written = write_outputs(result, out, overwrite=args.overwrite)
+    r, m = result.ranking, args.metric
+    print(f"{a.label} vs {b.label}: {len(prompts)} prompts x {args.samples} samples per side")
+    for p in sorted((p for p in r.prompts if p.rank is not None), key=lambda p: p.rank)[:5]:
+        ci = p.ci.get(m) or [float("nan")] * 2
+        print(f"  #{p.rank}: {m} {p.scores[m]:.4g} [{ci[0]:.4g}, {ci[1]:.4g}] nats/token  "
+              f"{_short(p.prompt, 60)}")  # fmt: skip
+    s = result.summary["on_a_samples"]
+    print(
+        f"  on A's samples: KL(A||B) {s['kl_mean']:.4g} +- {s['kl_se'] or 0:.2g} nats/token, "
+        f"same top token {s['same_top_rate']:.1%}, ln(PPL_B/PPL_A) {s['ln_ppl_ratio_b_over_a']:.4g}"
+    )
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
@@ -331,6 +376,35 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
     pe.set_defaults(func=_cmd_personas)
 
+    d = sub.add_parser(
+        "diff",
+        help="exact KL/JS between two local models (base vs fine-tuned or quantized)",
+        description="Sample from two conditions, teacher-force every response under both, "
+        "exact full-vocabulary KL both ways and JS at every position; prompts ranked with CIs. "
+        "SPEC: MODEL[,adapter=DIR][,dtype=DTYPE], MODEL a packaged name "
+        "(smollm2-135m-instruct, gemma3-270m), a local directory or a hub name.",
+    )
+    d.add_argument("--a", required=True, metavar="SPEC", help="condition A (the base)")
+    d.add_argument("--b", required=True, metavar="SPEC", help="condition B (the variant)")
+    d.add_argument("--prompts", required=True, help="JSONL with prompt (and category) per line")
+    d.add_argument("--samples", type=int, default=4, help="responses per prompt and side (4)")
+    d.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response (48)")
+    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0)")
+    d.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (0)")
+    d.add_argument("--system-a", default=None, help="system prompt of A (none)")
+    d.add_argument("--system-b", default=None, help="system prompt of B (none)")
+    d.add_argument("--metric", default="kl", help="rank by (kl, kl_ab, kl_ba, js, ..., mc_kl)")
+    d.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
+    d.add_argument("--max-prompts", type=int, default=None, help="the first K prompts")
+    d.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation (hf)")
+    d.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+    d.add_argument("--dtype", default="float32", help="default dtype of both specs (float32)")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_cmd_diff)
+
     a = sub.add_parser("analyze", help="statistics: JS vs cosine vs leakage")
     a.add_argument("--matrices", required=True, help="divergence_matrices.json")
     a.add_argument("--cosine", action="append", default=[], help="cosine file (repeatable)")
@@ -371,7 +445,15 @@ def main(argv: list[str] | None = None) -> int:
     except SampleFileError as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2
-    except (ConfigError, PersonaDataError, TemplateSeamError, AnalysisInputError, ReportError) as e:
+    except (
+        ConfigError,
+        PersonaDataError,
+        TemplateSeamError,
+        AnalysisInputError,
+        ReportError,
+        DiffInputError,
+        ModelNotFoundError,
+    ) as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2
     except FileExistsError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -132,3 +133,8 @@ def new_run_dir(base: Path, prefix: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a fresh run directory under {base}")
+
+
+def content_hash(obj: Any) -> str:
+    """A short, stable hash of a JSON-able object (the cache's content address)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]

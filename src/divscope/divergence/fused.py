@@ -102,6 +102,24 @@ def _js_and_kls_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     return _js_and_kls_rows(lp, lq)
 
 
+def _position_terms_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """JS, KL(P||Q), KL(Q||P) and both log-normalisers per position: ``(T, V) -> (5, T)``."""
+    lse_p = torch.logsumexp(xp, -1, keepdim=True)
+    lse_q = torch.logsumexp(xq, -1, keepdim=True)
+    rows = _js_and_kls_rows(xp - lse_p, xq - lse_q)
+    return torch.cat([rows, lse_p.squeeze(-1)[None], lse_q.squeeze(-1)[None]])
+
+
+def js_and_kls_from_logits(
+    xp: torch.Tensor, xq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position from logits ``(T, V)`` each: ``(JS, KL(P||Q), KL(Q||P), logsumexp(xp),
+    logsumexp(xq))``, ``(T,)`` each, nats; one fused pass, no normalised ``(T, V)`` tensor
+    written (``log P = xp - logsumexp(xp)``)."""
+    js_, kl_pq, kl_qp, lse_p, lse_q = _fused(_position_terms_logits, _wide(xp), _wide(xq))
+    return js_, kl_pq, kl_qp, lse_p, lse_q
+
+
 def js_and_kls_sums_from_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     """Like :func:`js_and_kls_sums` but from logits: ``P = softmax(xp)``, ``Q = softmax(xq)``.
 

@@ -262,7 +262,7 @@ def score_prompt(
             ps.scores[name] = 0.5 * (ps.scores[name + "_ab"] + ps.scores[name + "_ba"])
             boots[name] = 0.5 * (boots[name + "_ab"] + boots[name + "_ba"])
     if boots:
-        ps.ci |= _percentile_cis(boots, ci_level, n_bootstrap, min(na, nb))
+        ps.ci |= percentile_cis(boots, ci_level, n_bootstrap, min(na, nb))
     return ps
 
 
@@ -347,7 +347,7 @@ def _legacy_metrics(
         boots["legacy_aligned"] = _nanmean(both[:, ia[:, :, None], ib[:, None, :]], (0, 2, 3))
 
 
-def _percentile_cis(
+def percentile_cis(
     boots: dict[str, np.ndarray], ci_level: float, n_bootstrap: int, n_min: int
 ) -> dict[str, list[float] | None]:
     """Percentile intervals of each metric's bootstrap values (None with one response a side
@@ -468,7 +468,7 @@ def _rank_prompts(
         )
         for ra, rb in zip(a.records[:n], b.records[:n], strict=True)
     ]
-    _assign_ranks(prompts, metric, avail)
+    assign_ranks(prompts, metric, avail)
     units, notes = _units_and_notes(avail, per_byte, a.n_excluded + b.n_excluded)
     return Ranking(
         metric,
@@ -527,7 +527,7 @@ def _units_and_notes(
     return units, notes
 
 
-def _assign_ranks(prompts: list[PromptScore], metric: str, avail: list[str]) -> None:
+def assign_ranks(prompts: list[PromptScore], metric: str, avail: list[str]) -> None:
     """Rank 1 = highest ``metric`` (ties by index); a reason for every unscored prompt; every
     available metric's key present (null where not available)."""
     scored = [p for p in prompts if p.scores.get(metric) is not None]

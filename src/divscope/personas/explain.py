@@ -3,15 +3,8 @@
 * :func:`persona_pair_explanation` teacher-forces the answers of two personas A and B under
   both prompts and returns, per answer and position, the divergence with the token and both
   sides' top-k, plus the tokens whose probability moves most from A to B, aggregated over all
-  scored positions. The aggregation streams over positions with running full-vocabulary sums
-  (one vector per statistic), never storing the per-position distributions:
-
-  - expected-probability difference ``dP(x) = mean_t [P_B(x | t) - P_A(x | t)]``;
-  - probability-weighted mean log-ratio
-    ``L(x) = sum_t w_t(x) (log P_B(x|t) - log P_A(x|t)) / sum_t w_t(x)``,
-    ``w_t(x) = (P_A(x|t) + P_B(x|t)) / 2`` (tokens that matter at a position weigh more).
-
-  "Boosted" tokens have the largest ``dP`` (B more likely), "suppressed" the smallest.
+  scored positions (:class:`divscope.divergence.attribution.WhatChanged`: the expected
+  probability difference and the probability-weighted log-ratio, streamed over positions).
 * :func:`pair_cosine_by_layer` reads the cosine-by-layer curve of every persona pair.
 """
 
@@ -22,56 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from divscope.divergence.attribution import WhatChanged
 from divscope.divergence.fused import js_and_kls
 from divscope.models.teacher_force import output_head, response_logprobs
 
 
 def _tok(tokenizer: Any, i: int) -> str:
     return tokenizer.decode([int(i)])
-
-
-class WhatChanged:
-    """Running full-vocabulary sums over positions: ``dP`` and the weighted log-ratio."""
-
-    def __init__(self, vocab: int) -> None:
-        self.d_prob = torch.zeros(vocab, dtype=torch.float64)
-        self.lr_num = torch.zeros(vocab, dtype=torch.float64)
-        self.lr_den = torch.zeros(vocab, dtype=torch.float64)
-        self.n_pos = 0
-
-    def add(self, la: torch.Tensor, lb: torch.Tensor) -> None:
-        """Add positions given A's and B's log-probabilities, ``(T, V)`` each."""
-        pa, pb = la.exp().double(), lb.exp().double()
-        self.d_prob += (pb - pa).sum(0)
-        w = 0.5 * (pa + pb)
-        self.lr_num += (w * (lb - la).double()).sum(0)
-        self.lr_den += w.sum(0)
-        self.n_pos += la.shape[0]
-
-    def tokens(self, tokenizer: Any, n_tokens: int) -> dict[str, Any]:
-        """The ``n_tokens`` most boosted and most suppressed tokens under B."""
-        dp = (self.d_prob / max(self.n_pos, 1)).numpy()
-        lrat = (self.lr_num / self.lr_den.clamp(min=1e-300)).numpy()
-
-        def listing(idx: np.ndarray) -> list[dict[str, Any]]:
-            return [
-                {
-                    "token": _tok(tokenizer, int(i)),
-                    "id": int(i),
-                    "delta_prob": float(dp[i]),
-                    "weighted_log_ratio": float(lrat[i]),
-                }
-                for i in idx
-            ]
-
-        order = np.argsort(dp)
-        return {
-            "definition": "delta_prob = mean over positions of P_b - P_a; "
-            "weighted_log_ratio = sum w (log P_b - log P_a) / sum w, "
-            "w = (P_a + P_b) / 2",
-            "boosted_in_b": listing(order[::-1][:n_tokens]),
-            "suppressed_in_b": listing(order[:n_tokens]),
-        }
 
 
 def _topk_rows(tokenizer: Any, lp: torch.Tensor, k: int) -> list[list[list[Any]]]:
@@ -158,7 +108,7 @@ def persona_pair_explanation(
         "b": b,
         "positions": changed.n_pos,
         "responses": responses,
-        "what_changed": changed.tokens(tokenizer, n_tokens),
+        "what_changed": changed.tokens(lambda i: _tok(tokenizer, i), n_tokens),
     }
 
 

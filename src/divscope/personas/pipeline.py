@@ -22,8 +22,8 @@ from divscope.models.load import cache_dir, load_model, resolve_model
 from divscope.models.teacher_force import PERSONA_BATCH, UnitScores, output_head
 from divscope.personas.data import Persona, Question
 from divscope.personas.matrices import aggregate, check_matrices, cosine_matrices, twin_deviation
-from divscope.personas.units import QuestionUnit, UnitCache, content_hash, score_question
-from divscope.runmeta import atomic_write_json, atomic_write_text, run_metadata
+from divscope.personas.units import QuestionUnit, UnitCache, score_question
+from divscope.runmeta import atomic_write_json, atomic_write_text, content_hash, run_metadata
 
 TWIN_SUFFIX = "__twin"
 

@@ -9,8 +9,6 @@ response ids, parameters): a rerun reads them back and an interrupted run resume
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +16,7 @@ from typing import Any
 import numpy as np
 
 from divscope.models.teacher_force import PromptKV, UnitScores, prompt_kv, teacher_force
-
-
-def content_hash(obj: Any) -> str:
-    """A short, stable hash of a JSON-able object (the cache's content address)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+from divscope.runmeta import content_hash
 
 
 @dataclass(frozen=True)

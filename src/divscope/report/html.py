@@ -296,14 +296,17 @@ def _ranking_token_views(run: Path, r: Any, page: Page) -> None:
     from divscope.samples.read import load_pair
 
     page.heading("Top prompts, token by token")
-    files = [f if Path(f).exists() else str(run.parent.parent / f) for f in r.files]
+    files = [
+        next((str(p) for p in (Path(f), run / f, run.parent.parent / f) if p.exists()), f)
+        for f in r.files
+    ]
     try:
         a, b = load_pair(*files)
     except Exception as e:  # noqa: BLE001 - the report still has everything else
         page.para(f"sample files not readable ({e}); token view skipped", "note")
         return
     for p in sorted([p for p in r.prompts if p.rank is not None], key=lambda p: p.rank)[:3]:
-        ra, rb = a.records[p.index], b.records[p.index]
+        ra, rb = a.record(p.index), b.record(p.index)
         tokens, values, kind = token_contributions(ra, rb, 0, model_b=b.model)
         resp = ra.usable[0]
         infos = _token_infos(resp, tokens, values, kind, a, b)

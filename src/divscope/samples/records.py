@@ -156,6 +156,18 @@ class SampleSet:
         """Responses excluded for missing log-probabilities, over all records."""
         return sum(len(r.responses) - len(r.usable) for r in self.records)
 
+    def record(self, index: int) -> PromptSamples:
+        """The record of prompt ``index`` (its index in the prompt file, not its position in
+        :attr:`records`: a run of a subset of prompts has gaps).
+
+        Raises:
+            KeyError: No record has that index.
+        """
+        for r in self.records:
+            if r.index == index:
+                return r
+        raise KeyError(f"{self.path} holds no record of prompt {index}")
+
     def has_cross_scores(self, other_model: str) -> bool:
         """Whether every usable response carries a cross-score under ``other_model``."""
         usable = [resp for rec in self.records for resp in rec.usable]

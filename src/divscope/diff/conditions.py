@@ -1,0 +1,129 @@
+"""Conditions of a model diff: a model (optionally a LoRA adapter on top, a dtype) and a
+system prompt, parsed from a SPEC string and loaded.
+
+SPEC syntax: ``MODEL[,adapter=DIR][,dtype=DTYPE]``, where MODEL is what
+:func:`divscope.models.load.load_model` accepts (a packaged short name, a local directory or a
+hub name), DIR a PEFT adapter directory (``adapter_config.json`` + weights) merged into the
+model's weights on load, and DTYPE ``float32`` (default), ``bfloat16`` or ``float16``.
+Examples: ``smollm2-135m-instruct``, ``smollm2-135m-instruct,adapter=data/adapters/pirate``,
+``Qwen/Qwen2.5-7B-Instruct,dtype=bfloat16``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class DiffInputError(ValueError):
+    """Bad input to a model diff: names what is wrong and the fix (the CLI exits 2)."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One side of a diff: ``model`` (+ ``adapter``) in ``dtype``, prompted with ``system``."""
+
+    model: str
+    adapter: str | None = None
+    dtype: str = "float32"
+    system: str | None = None
+
+    @property
+    def label(self) -> str:
+        """A short, readable name: the model, ``+adapter`` and ``@dtype`` when not fp32."""
+        name = self.model
+        if self.adapter:
+            name += f"+{Path(self.adapter).name}"
+        if self.dtype != "float32":
+            name += f"@{self.dtype}"
+        return name
+
+    def identity(self) -> dict[str, Any]:
+        """What makes this condition's outputs what they are (for cache keys)."""
+        ident: dict[str, Any] = {"model": self.model, "dtype": self.dtype, "system": self.system}
+        for f in ("config.json", "divscope.json"):
+            p = Path(self.model) / f
+            if p.exists():
+                ident[f] = p.read_text()
+        if self.adapter:
+            h = hashlib.sha256()
+            for f in sorted(Path(self.adapter).iterdir()):
+                if f.is_file():
+                    h.update(f.name.encode() + f.read_bytes())
+            ident["adapter"] = h.hexdigest()
+        return ident
+
+
+def parse_spec(spec: str, system: str | None = None, default_dtype: str = "float32") -> Condition:
+    """A :class:`Condition` from ``MODEL[,adapter=DIR][,dtype=DTYPE]`` (see the module doc).
+
+    Raises:
+        DiffInputError: An unknown key, a bad dtype, or an adapter directory that is missing.
+    """
+    parts = [p.strip() for p in spec.split(",")]
+    if not parts[0] or "=" in parts[0]:
+        raise DiffInputError(
+            f"model spec {spec!r} must start with a model name. "
+            "Fix: MODEL[,adapter=DIR][,dtype=DTYPE]"
+        )
+    opts: dict[str, str] = {}
+    for p in parts[1:]:
+        key, sep, value = p.partition("=")
+        if not sep or key not in ("adapter", "dtype") or not value:
+            raise DiffInputError(
+                f"model spec {spec!r}: cannot read {p!r}. Fix: MODEL[,adapter=DIR][,dtype=DTYPE]"
+            )
+        opts[key] = value
+    dtype = opts.get("dtype", default_dtype)
+    if dtype not in DTYPES:
+        raise DiffInputError(f"model spec {spec!r}: dtype {dtype!r}. Fix: one of {DTYPES}")
+    adapter = opts.get("adapter")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise DiffInputError(
+            f"model spec {spec!r}: {adapter} is not a PEFT adapter directory (no "
+            "adapter_config.json). Fix: give the directory that adapter.save_pretrained wrote"
+        )
+    return Condition(parts[0], adapter, dtype, system)
+
+
+def load_condition(cond: Condition, device: str = "cpu") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a condition, the adapter merged into the weights.
+
+    Raises:
+        DiffInputError: The model cannot be found, or the adapter does not fit it.
+    """
+    from divscope.models.load import ModelNotFoundError, load_model
+
+    try:
+        model, tok = load_model(cond.model, device=device, dtype=cond.dtype)
+    except ModelNotFoundError as e:
+        raise DiffInputError(str(e)) from e
+    if cond.adapter:
+        model = _merge_adapter(model, cond)
+    return model, tok
+
+
+def _merge_adapter(model: Any, cond: Condition) -> Any:
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise DiffInputError(
+            f"{cond.adapter} is a PEFT adapter, which needs peft. Fix: pip install peft"
+        ) from e
+    base = json.loads((Path(cond.adapter) / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    )
+    try:
+        merged = PeftModel.from_pretrained(model, cond.adapter).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise DiffInputError(
+            f"adapter {cond.adapter} does not fit {cond.model} (it was trained on "
+            f"{base!r}): {first}. Fix: pair the adapter with its base model"
+        ) from e
+    return merged.eval()

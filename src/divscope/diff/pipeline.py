@@ -1,0 +1,303 @@
+"""The model-diff pipeline: load both conditions, generate, check the seams, score units,
+aggregate, write. :func:`run_diff` reads as those steps.
+
+Units (one prompt: both sides' samples teacher-forced under both models,
+:func:`divscope.diff.score.score_prompt_pair`) are cached by content under
+``<cache>/diff/<key>/`` (both conditions, prompt ids, response ids, top-k), so a rerun is
+instant and an interrupted run resumes. Generations are cached per prompt set and settings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from divscope.diff.aggregate import (
+    METRICS,
+    SUMMARY_NOTES,
+    UNITS,
+    prompt_score,
+    rank,
+    side_summary,
+    what_changed,
+)
+from divscope.diff.conditions import Condition, DiffInputError, load_condition
+from divscope.diff.score import SIDES, PairScores, PromptPair, SideScores, score_prompt_pair
+from divscope.estimators.ranking import Ranking
+from divscope.models.chat import PromptRenderer
+from divscope.models.load import cache_dir
+from divscope.runmeta import atomic_write_text, content_hash, run_metadata
+from divscope.sampling.config import ConfigError, DatasetSpec
+from divscope.sampling.prompts import PromptItem, load_prompts
+
+Responses = dict[str, list[list[list[int]]]]  # side -> [prompt][sample] -> token ids
+
+
+@dataclass
+class DiffSetup:
+    """What every step needs: both models, their prompt ids for every prompt, the cache."""
+
+    conditions: dict[str, Condition]
+    models: dict[str, Any]
+    tokenizers: dict[str, Any]
+    renderers: dict[str, PromptRenderer]
+    prompts: list[PromptItem]
+    prompt_ids: dict[str, list[list[int]]]
+    stops: dict[str, set[int]]
+    key: str
+    cache: Path
+
+
+@dataclass
+class DiffResult:
+    """Everything a diff produces (written by :func:`divscope.diff.outputs.write_outputs`)."""
+
+    setup: DiffSetup
+    responses: Responses
+    units: dict[int, PairScores]
+    ranking: Ranking
+    summary: dict[str, Any]
+    changed: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def read_prompts(
+    path: str | Path, max_prompts: int | None = None, *, spread: bool = False
+) -> list[PromptItem]:
+    """Prompts from a JSONL file (``prompt``, optional ``category``) or a text file: all, the
+    first ``max_prompts``, or with ``spread`` that many spread evenly over the file."""
+    if not Path(path).is_file():
+        raise DiffInputError(f"{path}: no such prompts file. Fix: give a .jsonl or .txt file")
+    try:
+        items = load_prompts(DatasetSpec(path=str(path)), path)
+    except (ConfigError, UnicodeDecodeError) as e:
+        raise DiffInputError(str(e)) from e
+    if not items:
+        raise DiffInputError(f"{path}: holds no prompts. Fix: one JSON object per line")
+    if not max_prompts or max_prompts >= len(items):
+        return items
+    if spread:
+        return [items[i] for i in np.linspace(0, len(items) - 1, max_prompts).round().astype(int)]
+    return items[:max_prompts]
+
+
+def prepare(
+    a: Condition,
+    b: Condition,
+    prompts: list[PromptItem],
+    *,
+    device: str,
+    loaded: dict[str, tuple[Any, Any]] | None,
+    unit_cache: str | Path | None,
+) -> DiffSetup:
+    """Load both conditions (unless ``loaded``), check they share a tokenizer, render prompts."""
+    from divscope.models.generate import stop_ids
+
+    conds = {"a": a, "b": b}
+    pairs = {s: (loaded or {}).get(s) or load_condition(c, device) for s, c in conds.items()}
+    models = {s: m for s, (m, _) in pairs.items()}
+    toks = {s: t for s, (_, t) in pairs.items()}
+    if toks["a"].get_vocab() != toks["b"].get_vocab():
+        raise DiffInputError(
+            f"{a.label} and {b.label} have different tokenizers: exact per-position KL/JS "
+            "needs one vocabulary. Fix: diff models that share a tokenizer, or sample both "
+            "with `divscope sample` (cross_score: true) and rank by mc_kl per byte"
+        )
+    renderers = {s: PromptRenderer(t) for s, t in toks.items()}
+    prompt_ids = {
+        s: [renderers[s].prompt_ids(conds[s].system, p.prompt) for p in prompts] for s in SIDES
+    }
+    key = content_hash({s: c.identity() for s, c in conds.items()})
+    cache = (Path(unit_cache) if unit_cache else cache_dir() / "diff") / key
+    cache.mkdir(parents=True, exist_ok=True)
+    stops = {s: stop_ids(toks[s], models[s]) for s in SIDES}
+    return DiffSetup(conds, models, toks, renderers, prompts, prompt_ids, stops, key, cache)
+
+
+def generate_samples(
+    setup: DiffSetup, params: dict[str, Any], *, backend: str, progress: bool, batch_size: int = 64
+) -> Responses:
+    """``samples`` responses per prompt from each side (cached per side, prompts, settings)."""
+    from tqdm.auto import tqdm
+
+    from divscope.models.generate import generate_hf, generate_vllm
+
+    n_s = params["samples"]
+    gen = {k: params[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")}
+    out: Responses = {}
+    for side in SIDES:
+        flat = [ids for ids in setup.prompt_ids[side] for _ in range(n_s)]
+        ident = setup.conditions[side].identity()
+        f = (
+            setup.cache
+            / f"gen_{side}_{content_hash({'p': flat, 'c': ident, **gen, 'b': backend, 'bs': batch_size})}.json"
+        )
+        if f.exists():
+            got = json.loads(f.read_text())
+        elif backend == "vllm":
+            got = generate_vllm(setup.conditions[side].model, setup.tokenizers[side], flat, **gen)
+        else:
+            desc = f"generating {side.upper()}"
+            with tqdm(total=len(flat), desc=desc, unit="resp", disable=not progress) as bar:
+                got = generate_hf(
+                    setup.models[side], setup.tokenizers[side], flat, progress=bar, **gen
+                )
+            atomic_write_text(f, json.dumps(got), overwrite=True)
+        out[side] = [got[i * n_s : (i + 1) * n_s] for i in range(len(setup.prompts))]
+    return out
+
+
+def check_seams(setup: DiffSetup, responses: Responses) -> dict[str, Any]:
+    """Each side's chat-template seam, checked on its first non-empty response."""
+    seams = {}
+    for side in SIDES:
+        stops = setup.stops[side]
+        i, r = next(
+            ((i, r) for i, rs in enumerate(responses[side]) for r in rs if set(r) - stops),
+            (0, responses[side][0][0]),
+        )
+        seams[side] = setup.renderers[side].check_seam(
+            setup.conditions[side].system,
+            setup.prompts[i].prompt,
+            setup.prompt_ids[side][i],
+            r,
+            stops,
+        )
+    return seams
+
+
+def score_units(
+    setup: DiffSetup, responses: Responses, *, top_k: int, progress: bool
+) -> tuple[dict[int, PairScores], int]:
+    """Every prompt's unit, through the cache. Returns units by prompt and how many were cached."""
+    from tqdm.auto import tqdm
+
+    units: dict[int, PairScores] = {}
+    n_cached = 0
+    for i in tqdm(
+        range(len(setup.prompts)), desc="teacher forcing", unit="prompt", disable=not progress
+    ):
+        pair = PromptPair(
+            setup.prompt_ids["a"][i], setup.prompt_ids["b"][i], {s: responses[s][i] for s in SIDES}
+        )
+        f = setup.cache / f"unit_{content_hash({'pair': pair.__dict__, 'top_k': top_k})}.npz"
+        unit = read_unit(f)
+        if unit is None:
+            unit = score_prompt_pair(setup.models["a"], setup.models["b"], pair, top_k=top_k)
+            write_unit(f, unit)
+        else:
+            n_cached += 1
+        units[i] = unit
+    return units, n_cached
+
+
+_FIELDS = tuple(SideScores.__dataclass_fields__)
+
+
+def write_unit(path: Path, unit: PairScores) -> None:
+    """A unit as one ``.npz`` (plain arrays), written atomically."""
+    arrays = {f"{s}.{k}": getattr(unit.sides[s], k) for s in SIDES for k in _FIELDS}
+    arrays["changed"] = unit.changed.astype(np.float32)
+    arrays["n_positions"] = np.array(unit.n_positions)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def read_unit(path: Path) -> PairScores | None:
+    """A cached unit, or None when there is none (or it cannot be read: then recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            sides = {s: SideScores(*(z[f"{s}.{k}"] for k in _FIELDS)) for s in SIDES}
+            return PairScores(sides, z["changed"].astype(np.float64), int(z["n_positions"]))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def build_ranking(
+    setup: DiffSetup, units: dict[int, PairScores], *, metric: str, n_bootstrap: int, seed: int
+) -> Ranking:
+    """Per-prompt scores with CIs, ranked by ``metric`` (the ``divscope rank --json`` contract)."""
+    rng = np.random.default_rng(seed)
+    prompts = [
+        prompt_score(
+            p.index, p.prompt, p.category, units[i], n_bootstrap=n_bootstrap, ci_level=0.95, rng=rng
+        )
+        for i, p in enumerate(setup.prompts)
+    ]
+    rank(prompts, metric)
+    a, b = (setup.conditions[s].label for s in SIDES)
+    notes = [
+        "exact: full-vocabulary KL/JS at every position of each side's own samples, teacher-"
+        "forced under both models (fp32); _ab on A's samples, _ba on B's",
+        "mc_kl: mean of log P_A(x) - log P_B(x) over the sampled tokens of the same samples "
+        "(the Monte Carlo view of kl; same weighting)",
+    ]
+    return Ranking(metric, [a, b], ["samples_a.jsonl", "samples_b.jsonl"], dict(UNITS),
+                   list(METRICS), notes, prompts, n_bootstrap, 0.95)  # fmt: skip
+
+
+def run_diff(
+    a: Condition,
+    b: Condition,
+    prompts: list[PromptItem],
+    *,
+    samples: int = 4,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    metric: str = "kl",
+    top_k: int = 20,
+    n_bootstrap: int = 1000,
+    backend: str = "hf",
+    device: str = "cpu",
+    progress: bool = True,
+    loaded: dict[str, tuple[Any, Any]] | None = None,
+    unit_cache: str | Path | None = None,
+) -> DiffResult:
+    """Diff conditions ``a`` and ``b`` on ``prompts`` (DESIGN.md, pipeline 3)."""
+    if metric not in METRICS:
+        raise DiffInputError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    t0 = time.perf_counter()
+    setup = prepare(a, b, prompts, device=device, loaded=loaded, unit_cache=unit_cache)
+    timings = {"load_models": time.perf_counter() - t0}
+    params = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature}
+    params |= {"top_p": top_p, "seed": seed}
+    responses = generate_samples(setup, params, backend=backend, progress=progress)
+    timings["generate"] = time.perf_counter() - t0 - timings["load_models"]
+    seams = check_seams(setup, responses)
+    t2 = time.perf_counter()
+    units, n_cached = score_units(setup, responses, top_k=top_k, progress=progress)
+    timings["teacher_force"] = time.perf_counter() - t2
+    ranking = build_ranking(setup, units, metric=metric, n_bootstrap=n_bootstrap, seed=seed)
+    ordered = [units[i] for i in range(len(prompts))]
+    summary = {
+        "notes": SUMMARY_NOTES,
+        **{f"on_{s}_samples": side_summary(ordered, s) for s in SIDES},
+    }
+    decode = setup.tokenizers["a"].decode
+    cats = {i: p.category for i, p in enumerate(prompts)}
+    changed = what_changed(units, cats, lambda t: decode([t]))
+    timings["total"] = time.perf_counter() - t0
+    params |= {"metric": metric, "top_k": top_k, "n_bootstrap": n_bootstrap, "backend": backend}
+    meta = run_metadata(
+        "diff",
+        {**params, "device": device, "n_prompts": len(prompts)},
+        conditions={s: c.__dict__ for s, c in setup.conditions.items()},
+        labels=[c.label for c in setup.conditions.values()],
+        seams=seams,
+        warnings=[w for r in setup.renderers.values() for w in r.warnings],
+        tokens_scored=sum(u.n_positions for u in units.values()),
+        units=len(units),
+        units_from_cache=n_cached,
+        timings_s=timings,
+    )
+    return DiffResult(setup, responses, units, ranking, summary, changed, meta)
