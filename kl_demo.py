@@ -86,7 +86,7 @@ if SOURCE == "models":
         samples=N_SAMPLES,
         max_new_tokens=MAX_NEW_TOKENS,
         temperature=TEMPERATURE,
-        metric=METRIC or "kl",
+        metric=METRIC,
         n_bootstrap=N_BOOTSTRAP,
         seed=SEED,
         device=DEVICE,
@@ -163,7 +163,7 @@ print(f"PROMPT [{top.index}]: {top.prompt}\n")
 for name, rec in (("A: " + a.model, ra), ("B: " + b.model, rb)):
     print(f"--- {name}, response 0 of {len(rec.usable)} ---")
     print(rec.usable[0].text[:1000] + ("…" if len(rec.usable[0].text) > 1000 else ""), "\n")
-if diff is not None:  # exact: KL(P_A||P_B) at each position of A's response 0
+if diff is not None and diff.units:  # exact: KL(P_A||P_B) at each position of response 0
     i = next(i for i, p in enumerate(diff.setup.prompts) if p.index == top.index)
     tokens = ra.usable[0].scores.tokens
     values = diff.units[i].sides["a"].split("kl_ab")[0]
@@ -178,7 +178,7 @@ fig = plots.token_view(tokens, values, title=f"A's response 0 to prompt #{top.in
 show(fig, "top_prompt_tokens")
 
 # %% Models: the dataset summary (llama.cpp's KL report, on each side's samples)
-if diff is not None:
+if diff is not None and diff.units:
     rows = {
         k: diff.summary[f"on_{s}_samples"] for k, s in (("A's samples", "a"), ("B's samples", "b"))
     }
@@ -191,10 +191,10 @@ if diff is not None:
     for note in diff.summary["notes"]:
         print("note:", note)
 else:
-    print("SOURCE = 'files': no exact values (run the models for the dataset summary)")
+    print("no exact values (SOURCE = 'files', or two tokenizers): no dataset summary")
 
 # %% Models: what changed — the tokens B raises and lowers most, over every scored position
-if diff is not None:
+if diff is not None and diff.units:
     ch = diff.changed["overall"]
     display(
         pd.DataFrame(

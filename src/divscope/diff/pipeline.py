@@ -30,7 +30,7 @@ from divscope.diff.conditions import Condition, DiffInputError, load_condition
 from divscope.diff.score import SIDES, PairScores, PromptPair, SideScores, score_prompt_pair
 from divscope.estimators.ranking import Ranking
 from divscope.models.chat import PromptRenderer
-from divscope.models.load import cache_dir
+from divscope.models.load import cache_dir, resolve_model
 from divscope.runmeta import atomic_write_text, content_hash, run_metadata
 from divscope.sampling.config import ConfigError, DatasetSpec
 from divscope.sampling.prompts import PromptItem, load_prompts
@@ -51,6 +51,7 @@ class DiffSetup:
     stops: dict[str, set[int]]
     key: str
     cache: Path
+    same_tokenizer: bool = True
 
 
 @dataclass
@@ -64,6 +65,7 @@ class DiffResult:
     summary: dict[str, Any]
     changed: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, list[dict[str, Any]]] | None = None  # sample files, when not exact
 
 
 def read_prompts(
@@ -94,19 +96,22 @@ def prepare(
     device: str,
     loaded: dict[str, tuple[Any, Any]] | None,
     unit_cache: str | Path | None,
+    exact: bool = True,
 ) -> DiffSetup:
-    """Load both conditions (unless ``loaded``), check they share a tokenizer, render prompts."""
+    """Load both conditions (unless ``loaded``), compare their tokenizers (``exact``: they
+    must be one), render prompts."""
     from divscope.models.generate import stop_ids
 
     conds = {"a": a, "b": b}
     pairs = {s: (loaded or {}).get(s) or load_condition(c, device) for s, c in conds.items()}
     models = {s: m for s, (m, _) in pairs.items()}
     toks = {s: t for s, (_, t) in pairs.items()}
-    if toks["a"].get_vocab() != toks["b"].get_vocab():
+    same = toks["a"].get_vocab() == toks["b"].get_vocab()
+    if not same and exact:
         raise DiffInputError(
             f"{a.label} and {b.label} have different tokenizers: exact per-position KL/JS "
-            "needs one vocabulary. Fix: diff models that share a tokenizer, or sample both "
-            "with `divscope sample` (cross_score: true) and rank by mc_kl per byte"
+            "needs one vocabulary. Fix: diff models that share a tokenizer, or leave --metric "
+            "unset to rank by mc_kl per byte of text (sequence cross-scores)"
         )
     renderers = {s: PromptRenderer(t) for s, t in toks.items()}
     prompt_ids = {
@@ -116,7 +121,7 @@ def prepare(
     cache = (Path(unit_cache) if unit_cache else cache_dir() / "diff") / key
     cache.mkdir(parents=True, exist_ok=True)
     stops = {s: stop_ids(toks[s], models[s]) for s in SIDES}
-    return DiffSetup(conds, models, toks, renderers, prompts, prompt_ids, stops, key, cache)
+    return DiffSetup(conds, models, toks, renderers, prompts, prompt_ids, stops, key, cache, same)
 
 
 def generate_samples(
@@ -140,7 +145,15 @@ def generate_samples(
         if f.exists():
             got = json.loads(f.read_text())
         elif backend == "vllm":
-            got = generate_vllm(setup.conditions[side].model, setup.tokenizers[side], flat, **gen)
+            cond = setup.conditions[side]
+            if cond.adapter:
+                raise DiffInputError(
+                    f"{cond.label}: the vllm backend does not load adapters here. Fix: "
+                    "backend hf, or merge the adapter and save the model to a directory"
+                )
+            path = resolve_model(cond.model)
+            got = generate_vllm(path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype)
+            atomic_write_text(f, json.dumps(got), overwrite=True)
         else:
             desc = f"generating {side.upper()}"
             with tqdm(total=len(flat), desc=desc, unit="resp", disable=not progress) as bar:
@@ -254,7 +267,7 @@ def run_diff(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
-    metric: str = "kl",
+    metric: str | None = None,
     top_k: int = 20,
     n_bootstrap: int = 1000,
     backend: str = "hf",
@@ -263,17 +276,28 @@ def run_diff(
     loaded: dict[str, tuple[Any, Any]] | None = None,
     unit_cache: str | Path | None = None,
 ) -> DiffResult:
-    """Diff conditions ``a`` and ``b`` on ``prompts`` (DESIGN.md, pipeline 3)."""
-    if metric not in METRICS:
+    """Diff conditions ``a`` and ``b`` on ``prompts`` (DESIGN.md, pipeline 3).
+
+    ``metric`` None ranks by ``kl``, or by ``mc_kl`` per byte when the two tokenizers differ
+    (then no exact values exist: each side's responses are cross-scored as text, see
+    :func:`cross_scored_records`); asking for an exact metric on two tokenizers is an error.
+    """
+    if metric is not None and metric not in METRICS:
         raise DiffInputError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
     t0 = time.perf_counter()
-    setup = prepare(a, b, prompts, device=device, loaded=loaded, unit_cache=unit_cache)
+    setup = prepare(
+        a, b, prompts, device=device, loaded=loaded, unit_cache=unit_cache,
+        exact=metric is not None and metric != "mc_kl",
+    )  # fmt: skip
     timings = {"load_models": time.perf_counter() - t0}
     params = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature}
     params |= {"top_p": top_p, "seed": seed}
     responses = generate_samples(setup, params, backend=backend, progress=progress)
     timings["generate"] = time.perf_counter() - t0 - timings["load_models"]
     seams = check_seams(setup, responses)
+    if not setup.same_tokenizer:
+        return text_diff(setup, responses, params, seams, timings, n_bootstrap, seed, t0)
+    metric = metric or "kl"
     t2 = time.perf_counter()
     units, n_cached = score_units(setup, responses, top_k=top_k, progress=progress)
     timings["teacher_force"] = time.perf_counter() - t2
@@ -301,3 +325,117 @@ def run_diff(
         timings_s=timings,
     )
     return DiffResult(setup, responses, units, ranking, summary, changed, meta)
+
+
+def cross_scored_records(
+    setup: DiffSetup, responses: Responses, top_k: int = 20
+) -> dict[str, list[dict[str, Any]]]:
+    """Both sides' samples as divscope JSONL records, each response cross-scored by the other
+    model in that model's own tokens (``aligned: false``): the sampler's cross-scoring,
+    computed locally. For two tokenizers, where only sequence totals compare (per byte)."""
+    from divscope.diff.outputs import columns, token_strings
+    from divscope.diff.score import sequence_scores
+    from divscope.samples.records import FORMAT
+
+    strings = {s: token_strings(setup.tokenizers[s]) for s in SIDES}
+    labels = {s: setup.conditions[s].label for s in SIDES}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for side in SIDES:
+        other = "b" if side == "a" else "a"
+        records = []
+        for i, p in enumerate(setup.prompts):
+            own_ids = [[t for t in r if t not in setup.stops[side]] for r in responses[side][i]]
+            texts = [setup.tokenizers[side].decode(ids) for ids in own_ids]
+            other_ids = [
+                setup.tokenizers[other](t, add_special_tokens=False)["input_ids"] for t in texts
+            ]
+            own = sequence_scores(
+                setup.models[side], setup.prompt_ids[side][i], own_ids, top_k=top_k
+            )
+            cross = sequence_scores(
+                setup.models[other], setup.prompt_ids[other][i], other_ids, top_k=top_k
+            )
+            rows = []
+            for r, text in enumerate(texts):
+                rows.append(
+                    {
+                        "text": text,
+                        "finish_reason": "stop"
+                        if own_ids[r] != responses[side][i][r]
+                        else "length",
+                        "logprobs": columns(own_ids[r], *own[r], strings[side]),
+                        "cross_scores": {
+                            labels[other]: {
+                                "aligned": False,
+                                **columns(other_ids[r], *cross[r], strings[other]),
+                            }
+                        },
+                    }
+                )
+            records.append(
+                {
+                    "format": FORMAT,
+                    "index": p.index,
+                    "prompt": p.prompt,
+                    "model": labels[side],
+                    "category": p.category,
+                    "responses": rows,
+                }  # fmt: skip
+            )
+        out[side] = records
+    return out
+
+
+def text_diff(
+    setup: DiffSetup,
+    responses: Responses,
+    params: dict[str, Any],
+    seams: dict[str, Any],
+    timings: dict[str, float],
+    n_bootstrap: int,
+    seed: int,
+    t0: float,
+) -> DiffResult:
+    """Two tokenizers: cross-score the texts and rank by ``mc_kl`` per byte with the sample
+    files' estimator (:func:`divscope.estimators.ranking.rank_prompts`)."""
+    from divscope.estimators.ranking import rank_prompts
+    from divscope.samples.parse import parse_record
+    from divscope.samples.read import checked_set
+    from divscope.samples.records import TokenVocab
+
+    t2 = time.perf_counter()
+    records = cross_scored_records(setup, responses)
+    timings["teacher_force"] = time.perf_counter() - t2
+    vocab = TokenVocab()
+    sets = [
+        checked_set(
+            Path(f"samples_{s}.jsonl"),
+            [
+                parse_record(r, i, Path(f"samples_{s}.jsonl"), vocab)
+                for i, r in enumerate(records[s])
+            ],
+            vocab,
+            "jsonl",
+        )  # fmt: skip
+        for s in SIDES
+    ]
+    ranking = rank_prompts(*sets, metric="mc_kl", n_bootstrap=n_bootstrap, seed=seed)
+    ranking.notes.insert(
+        0,
+        f"{setup.conditions['a'].label} and {setup.conditions['b'].label} have different "
+        "tokenizers: no exact per-position KL/JS exists; mc_kl compares each text's sequence "
+        "log-probability under both models, per byte (the sampler's cross-scoring, computed "
+        "locally)",
+    )
+    summary = {"notes": [ranking.notes[0]], "exact": False}
+    timings["total"] = time.perf_counter() - t0
+    meta = run_metadata(
+        "diff",
+        {**params, "metric": "mc_kl", "n_prompts": len(setup.prompts)},
+        conditions={s: c.__dict__ for s, c in setup.conditions.items()},
+        labels=[c.label for c in setup.conditions.values()],
+        seams=seams,
+        same_tokenizer=False,
+        timings_s=timings,
+    )
+    return DiffResult(setup, responses, {}, ranking, summary, {}, meta, records)

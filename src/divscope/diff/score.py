@@ -172,3 +172,44 @@ def _side_scores(
         cat("top_ids_b", np.int32, (top_k,)),
         cat("top_lp_b", np.float32, (top_k,)),
     )
+
+
+@torch.no_grad()
+def sequence_scores(
+    model: Any, prompt: list[int], responses: list[list[int]], *, top_k: int = 20
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One model's log-probabilities of token sequences after ``prompt`` (teacher-forced):
+    per response ``(logprobs (T,), top_ids (T, K), top_logprobs (T, K))``. Used to cross-score
+    when two models' tokenizers differ (each scores the text in its own tokens)."""
+    head = output_head(model)
+    kv = prompt_kv(model, [prompt])
+    out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    todo = [r for r in responses if r]
+    scored = {}
+    for start in range(0, len(todo), RESPONSE_BATCH):
+        batch = todo[start : start + RESPONSE_BATCH]
+        states = response_states(model, kv, [prompt], [0] * len(batch), batch)
+        for r, resp in enumerate(batch):
+            x = fp32_logits(states[r, : len(resp)], head)
+            lse = torch.logsumexp(x, -1)
+            top, ids = x.topk(top_k, -1)
+            lp = x.gather(1, torch.tensor(resp)[:, None])[:, 0] - lse
+            scored[start + r] = (
+                lp.numpy(),
+                ids.int().numpy(),
+                (top - lse[:, None]).numpy(),
+            )
+    k = 0
+    for r in responses:
+        if r:
+            out.append(scored[k])
+            k += 1
+        else:
+            out.append(
+                (
+                    np.zeros(0, np.float32),
+                    np.zeros((0, top_k), np.int32),
+                    np.zeros((0, top_k), np.float32),
+                )
+            )
+    return out

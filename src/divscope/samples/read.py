@@ -141,7 +141,7 @@ def _load_samples(path: Path, vocab: TokenVocab | None) -> SampleSet:
         with path.open("rb") as f:
             head = f.read(4)
         if is_packed(path, head):
-            return _checked(path, read_samples_packed(path, vocab).records, vocab, "packed")
+            return checked_set(path, read_samples_packed(path, vocab).records, vocab, "packed")
     raws, fmt = _read_raw_records(path)
     records = []
     n = n_empty = 0
@@ -175,10 +175,10 @@ def _load_samples(path: Path, vocab: TokenVocab | None) -> SampleSet:
         )
     if first_empty is not None:
         raise first_empty
-    return _checked(path, records, vocab, fmt)
+    return checked_set(path, records, vocab, fmt)
 
 
-def _checked(path: Path, records: list[PromptSamples], vocab: TokenVocab, fmt: str) -> SampleSet:
+def checked_set(path: Path, records: list[PromptSamples], vocab: TokenVocab, fmt: str) -> SampleSet:
     """Records in prompt order, one index each and one model, as a :class:`SampleSet`."""
     if fmt in ("jsonl", "packed"):  # appended as prompts finished: put them back in order
         seen: dict[int, int] = {}
