@@ -131,3 +131,19 @@ def test_console_script_and_convert(tmp_path):
         text=True,
     )
     assert proc.returncode == 0 and "what are you?" in proc.stdout
+
+
+def test_rank_prints_control_characters_escaped(tmp_path, capsys):
+    """ESC and other control characters in prompts and model names reach the terminal as
+    escapes, never raw."""
+    fa, fb, _ = synthetic_pair(tmp_path, n_prompts=2, n_resp=2)
+    for f in (fa, fb):
+        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        for r in recs:
+            r["prompt"] = "evil \x1b[2J\x1b]0;title\x07 prompt"
+            r["model"] = r["model"] + "\x1b[31m"
+        f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert main(["rank", str(fa), str(fb), "--n-bootstrap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b[2J" in out and "\\x1b[31m" in out

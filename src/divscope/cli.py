@@ -23,8 +23,14 @@ from divscope.sampling.config import ConfigError
 from divscope.stats.analysis import AnalysisInputError
 
 
+def printable(s: str) -> str:
+    """``s`` safe for a terminal: control characters (ESC, BEL, ...), lone surrogates and other
+    non-printable characters shown as escapes (``\\x1b``), never sent raw."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in s)
+
+
 def _short(s: str, n: int) -> str:
-    s = " ".join(s.split())
+    s = printable(" ".join(s.split()))
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
@@ -32,11 +38,11 @@ def format_ranking(r: Ranking, top: int | None = None) -> str:
     """The ranked table ``divscope rank`` prints."""
     m = r.metric
     lines = [
-        f"models: A = {r.models[0]}   B = {r.models[1]}",
+        f"models: A = {printable(r.models[0])}   B = {printable(r.models[1])}",
         f"metric: {m} ({r.units.get(m, '')}); {int(r.ci_level * 100)}% bootstrap CI over "
         f"responses, {r.n_bootstrap} resamples",
     ]
-    lines += [f"note: {n}" for n in r.notes]
+    lines += [f"note: {printable(n)}" for n in r.notes]
     header = f"{'rank':>4} {'idx':>4} {m:>12} {'ci':>19} {'n_a':>4} {'n_b':>4} {'excl':>5}  prompt"
     lines += ["", header, "-" * len(header)]
     ordered = sorted(r.prompts, key=lambda p: (p.rank is None, p.rank or 0, p.index))

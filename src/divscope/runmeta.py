@@ -138,3 +138,36 @@ def new_run_dir(base: Path, prefix: str) -> Path:
 def content_hash(obj: Any) -> str:
     """A short, stable hash of a JSON-able object (the cache's content address)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    """CSV with proper quoting; a text cell that a spreadsheet would run as a formula (starts
+    with ``= + - @``, tab or CR) gets a leading ``'`` (:func:`read_csv` takes it off again).
+    Numbers are written as their shortest round-trip repr."""
+    import csv
+    import io
+
+    def cell(v: Any) -> Any:
+        if isinstance(v, str) and v.startswith(_FORMULA):
+            return "'" + v
+        return repr(v) if isinstance(v, float) else v
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([cell(v) for v in row] for row in rows)
+    return buf.getvalue()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV written by :func:`csv_text` (formula guards removed)."""
+    import csv
+
+    def cell(v: str) -> str:
+        return v[1:] if v.startswith("'") and v[1:].startswith(_FORMULA) else v
+
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        return [{k: cell(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -23,7 +23,13 @@ from divscope.models.teacher_force import PERSONA_BATCH, UnitScores, output_head
 from divscope.personas.data import Persona, Question
 from divscope.personas.matrices import aggregate, check_matrices, cosine_matrices, twin_deviation
 from divscope.personas.units import QuestionUnit, UnitCache, score_question
-from divscope.runmeta import atomic_write_json, atomic_write_text, content_hash, run_metadata
+from divscope.runmeta import (
+    atomic_write_json,
+    atomic_write_text,
+    content_hash,
+    csv_text,
+    run_metadata,
+)
 
 TWIN_SUFFIX = "__twin"
 
@@ -454,13 +460,7 @@ def write_outputs(
     written = {}
     for name, obj in files.items():
         written[name] = atomic_write_json(out / name, obj, overwrite=True)
-    lines = ["generator,other,question_id,js,kl_fwd,kl_rev,n_tokens"]
-    lines += [
-        f"{r['generator']},{r['other']},{r['question_id']},{r['js']!r},{r['kl_fwd']!r},"
-        f"{r['kl_rev']!r},{r['n_tokens']}"
-        for r in result.per_prompt
-    ]
-    written["per_prompt.csv"] = atomic_write_text(
-        out / "per_prompt.csv", "\n".join(lines) + "\n", overwrite=True
-    )
+    header = ["generator", "other", "question_id", "js", "kl_fwd", "kl_rev", "n_tokens"]
+    text = csv_text(header, [[r[k] for k in header] for r in result.per_prompt])
+    written["per_prompt.csv"] = atomic_write_text(out / "per_prompt.csv", text, overwrite=True)
     return written

@@ -11,7 +11,6 @@ its divergence and, on hover, both sides' top-k at that position.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -453,6 +452,7 @@ def _persona_pairs(
 
 def _persona_categories(run: Path, gens: dict[str, Any], page: Page) -> None:
     """Mean JS per question category (over questions, off-diagonal pairs) with CIs."""
+    from divscope.runmeta import read_csv
     from divscope.stats.categories import category_means
 
     qcat = {qid: (q.get("category") or "(none)") for qid, q in gens.get("questions", {}).items()}
@@ -461,10 +461,9 @@ def _persona_categories(run: Path, gens: dict[str, Any], page: Page) -> None:
         return
     by_cat: dict[str, list[float]] = {}
     by_q: dict[str, list[float]] = {}
-    with per_prompt.open() as f:
-        for row in csv.DictReader(f):
-            if row["generator"] != row["other"]:
-                by_q.setdefault(row["question_id"], []).append(float(row["js"]))
+    for row in read_csv(per_prompt):
+        if row["generator"] != row["other"]:
+            by_q.setdefault(row["question_id"], []).append(float(row["js"]))
     for qid, vals in by_q.items():
         by_cat.setdefault(qcat.get(qid, "(none)"), []).append(float(np.mean(vals)))
     page.heading("By question category")

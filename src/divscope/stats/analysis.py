@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as st
 
+from divscope.runmeta import read_csv
+
 
 class AnalysisInputError(ValueError):
     """An input file cannot be used; names the file and the fix."""
@@ -109,8 +111,7 @@ def load_matrices(path: str | Path) -> PersonaMatrices:
         )
         csv_path = path.parent / "per_prompt.csv"
         if csv_path.exists():
-            with csv_path.open() as f:
-                _add_per_prompt_rows(m, csv.DictReader(f))
+            _add_per_prompt_rows(m, read_csv(csv_path))
         return m
     if "persona_names" in d and "js_matrix" in d:  # the published reference
         names = list(d["persona_names"])
