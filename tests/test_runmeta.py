@@ -54,7 +54,7 @@ def test_csv_quotes_commas_and_neutralises_formulas(tmp_path):
 
     from divscope.runmeta import csv_text, read_csv
 
-    names = ["a,b", "=HYPERLINK(\"x\")", "+1", "-2", "@sum", 'quote "q"', "plain"]
+    names = ["a,b", '=HYPERLINK("x")', "+1", "-2", "@sum", 'quote "q"', "plain"]
     header = ["generator", "other", "js"]
     rows = [[n, "x\ny", 0.1 + i] for i, n in enumerate(names)]
     text = csv_text(header, rows)
