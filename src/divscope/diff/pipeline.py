@@ -333,7 +333,7 @@ def cross_scored_records(
     """Both sides' samples as divscope JSONL records, each response cross-scored by the other
     model in that model's own tokens (``aligned: false``): the sampler's cross-scoring,
     computed locally. For two tokenizers, where only sequence totals compare (per byte)."""
-    from divscope.diff.outputs import columns, token_strings
+    from divscope.diff.samplefiles import columns, token_strings
     from divscope.diff.score import sequence_scores
     from divscope.samples.records import FORMAT
 
