@@ -223,3 +223,36 @@ def test_persona_report_in_a_headless_browser(persona_run, tmp_path):
     result = _browser_check(path, tmp_path / "shot.png", "pairs", 2)  # the js column
     _check(result, tmp_path / "shot.png")
     assert "JS" in result["tip_text"]
+
+
+def test_report_looks_records_up_by_prompt_index(tmp_path):
+    """A run of a subset of prompts has sparse indices (0, 3, 8, 20): the report shows, under
+    each prompt, that prompt's own tokens (it used to show another prompt's, or fail)."""
+    import json
+
+    from conftest import synthetic_pair
+
+    fa, fb, _ = synthetic_pair(tmp_path, n_prompts=4, n_resp=2)
+    sparse = [0, 3, 8, 20]
+    for f in (fa, fb):
+        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        for rec, idx in zip(recs, sparse, strict=True):
+            rec["index"] = idx
+            for resp in rec["responses"]:
+                resp["logprobs"]["tokens"][0] = f"MARK{idx}"
+                for c in resp["cross_scores"].values():
+                    c["tokens"][0] = f"MARK{idx}"
+        f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    args = ["rank", str(fa), str(fb), "--json", str(run / "ranking.json"), "--n-bootstrap", "20"]
+    assert main(args) == 0
+    page = build_report(run, tmp_path / "r")[0].read_text()
+    shown = 0
+    for idx in sparse:
+        head = f": prompt {idx}</h3>"
+        if head in page:
+            after = page[page.index(head) :]
+            assert after[after.index("MARK") :].startswith(f"MARK{idx}"), idx
+            shown += 1
+    assert shown == 3  # the top 3 prompts get a token view
