@@ -390,3 +390,18 @@ def test_missing_api_key_env_is_a_config_error(tmp_path):
     )
     with pytest.raises(ConfigError, match="DIVSCOPE_SURELY_UNSET is not set"):
         Sampler(load_config(p), progress=False)
+
+
+def test_second_sampler_on_the_same_run_directory_is_refused(tmp_path):
+    """While one sampler holds a run directory, another on it stops at once with a clear
+    error (it used to sample every remaining prompt a second time)."""
+    import fcntl
+
+    cfg = load_config(write_config(tmp_path, "http://127.0.0.1:9/v1"))
+    run_dir = tmp_path / "results" / "t_running"
+    run_dir.mkdir(parents=True)
+    with (run_dir / ".lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first sampler
+        with pytest.raises(ConfigError, match="another sampler is running"):
+            Sampler(cfg, progress=False).run(run_dir)
+    assert not list(run_dir.glob("*.jsonl"))  # nothing sampled, nothing written

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,3 +185,30 @@ def resume(paths: dict[str, Path]) -> set[int]:
             keep = [recs[i] for i in sorted(done)]
             atomic_write_text(paths[name], "".join(x + "\n" for x in keep), overwrite=True)
     return done
+
+
+@contextmanager
+def locked(config: SampleConfig, run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (``.lock``, ``flock``) while a sampler works in it.
+
+    Raises:
+        ConfigError: Another sampler holds it (two samplers on one run would sample every
+            remaining prompt twice and leave duplicates).
+    """
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / ".lock").open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise ConfigError(
+                config.path,
+                "output",
+                f"another sampler is running in {run_dir}",
+                "wait for it to finish (then rerun to resume), or start a separate run with --new",
+            ) from e
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

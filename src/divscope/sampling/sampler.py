@@ -31,6 +31,7 @@ from divscope.sampling.prompts import PromptItem, load_prompts, select_prompts
 from divscope.sampling.responses import chat_response_record
 from divscope.sampling.rundir import (
     RunSummary,
+    locked,
     open_run_dir,
     resolve_run_dir,
     resume,
@@ -129,6 +130,12 @@ class Sampler:
             load_prompts(cfg.dataset, cfg.path), cfg.dataset.num_prompts, cfg.dataset.seed
         )
         run_dir = resolve_run_dir(cfg, run_dir, new)
+        with locked(cfg, run_dir):
+            return self.run_locked(run_dir, items, t0)
+
+    def run_locked(self, run_dir: Path, items: list[PromptItem], t0: float) -> RunSummary:
+        """:meth:`run` once ``run_dir`` is locked: resume, check the seams, sample, finish."""
+        cfg = self.config
         old_meta = open_run_dir(cfg, run_dir)
         summary = RunSummary(str(run_dir), prompts_total=len(items))
         paths = {m.name: run_dir / f"{m.file_stem}.jsonl" for m in cfg.models}
