@@ -256,3 +256,18 @@ def test_report_looks_records_up_by_prompt_index(tmp_path):
             assert after[after.index("MARK") :].startswith(f"MARK{idx}"), idx
             shown += 1
     assert shown == 3  # the top 3 prompts get a token view
+
+
+def test_markdown_report_refuses_before_touching_figures(ranking_run, tmp_path):
+    """report --format md onto an existing report.md leaves its figures untouched."""
+    out = tmp_path / "r"
+    build_report(ranking_run, out, "md")
+    figs = sorted((tmp_path / "r_figures").glob("*.png"))
+    assert figs
+    for f in figs:
+        f.write_bytes(b"edited by hand")
+    with pytest.raises(FileExistsError):
+        build_report(ranking_run, out, "md")
+    assert all(f.read_bytes() == b"edited by hand" for f in figs)
+    build_report(ranking_run, out, "md", overwrite=True)
+    assert all(f.read_bytes() != b"edited by hand" for f in figs)

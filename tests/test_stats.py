@@ -204,3 +204,20 @@ def test_cli_analyze(tmp_path, capsys):
     } <= figs
     assert main(["analyze", "--matrices", str(tmp_path / "nope.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_analyze_never_overwrites_figures_silently(tmp_path, capsys):
+    """An existing figure or JSON is checked before anything is computed or written."""
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "js.png").write_bytes(b"mine")
+    args = ["analyze", "--matrices", str(REF / "divergence_matrices.json"), "--figures", str(figs)]
+    args += ["--n-permutations", "99", "--n-bootstrap", "50"]
+    assert main(args) == 2
+    assert "already holds figures" in capsys.readouterr().err
+    assert (figs / "js.png").read_bytes() == b"mine"
+    (tmp_path / "a.json").write_text("{}")
+    assert main([*args[:3], "--json", str(tmp_path / "a.json")]) == 2
+    assert (tmp_path / "a.json").read_text() == "{}"
+    assert main([*args, "--overwrite"]) == 0
+    assert (figs / "js.png").read_bytes() != b"mine"

@@ -214,6 +214,11 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    if not args.overwrite:  # nothing computed or written when an output would be replaced
+        if args.json and Path(args.json).exists():
+            raise FileExistsError(f"{args.json} exists")
+        if args.figures and list(Path(args.figures).glob("*.png")):
+            raise FileExistsError(f"{args.figures} already holds figures")
 
     from divscope.stats import analysis as stats
 
@@ -427,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--leakage", default=None, help="leakage CSV, marker_eval file or directory")
     a.add_argument("--json", default=None, help="write the analysis here")
     a.add_argument("--figures", default=None, help="write figures into this directory")
-    a.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
+    a.add_argument(
+        "--overwrite", action="store_true", help="allow replacing --json and --figures outputs"
+    )
     a.add_argument("--std-threshold", type=float, default=0.05, help="discrimination gate")
     a.add_argument("--ratio-threshold", type=float, default=3.0, help="discrimination gate")
     a.add_argument("--n-permutations", type=int, default=9999, help="Mantel permutations")

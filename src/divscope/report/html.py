@@ -593,7 +593,7 @@ def build_report(
         ReportError: ``run_dir`` holds neither a ranking nor a persona run.
         FileExistsError: an output exists and ``overwrite`` is False.
     """
-    from divscope.runmeta import atomic_write_text
+    from divscope.runmeta import atomic_write, atomic_write_text
 
     run = Path(run_dir)
     if (run / "ranking.json").exists():
@@ -608,20 +608,23 @@ def build_report(
             "generations.json. Fix: pass the directory of a kl_demo / divscope "
             "rank --json run or of a persona run"
         )
-    builder(run, page)
-    out = Path(out) if out else run / "report.html"
-    written = []
-    if fmt in ("html", "both"):
-        written.append(
-            atomic_write_text(out.with_suffix(".html"), page.render_html(), overwrite=overwrite)
-        )
-    if fmt in ("md", "both"):
-        figdir = out.with_name(out.stem + "_figures")
-        figdir.mkdir(parents=True, exist_ok=True)
-        for name, data in page.figures:
-            (figdir / f"{name}.png").write_bytes(data)
-        text = "\n".join(page.md).replace("FIGDIR", figdir.name) + "\n"
-        written.append(atomic_write_text(out.with_suffix(".md"), text, overwrite=overwrite))
     if fmt not in ("html", "md", "both"):
         raise ValueError("format must be html, md or both")
+    builder(run, page)
+    out = Path(out) if out else run / "report.html"
+    figdir = out.with_name(out.stem + "_figures")
+    targets = [out.with_suffix(".html")] if fmt in ("html", "both") else []
+    if fmt in ("md", "both"):
+        targets += [out.with_suffix(".md")] + [figdir / f"{n}.png" for n, _ in page.figures]
+    clash = [str(t) for t in targets if t.exists()]
+    if clash and not overwrite:  # checked before anything is written
+        raise FileExistsError(f"{', '.join(clash)} exist(s); not overwriting")
+    written = []
+    if fmt in ("html", "both"):
+        written.append(atomic_write_text(targets[0], page.render_html(), overwrite=True))
+    if fmt in ("md", "both"):
+        for name, data in page.figures:
+            atomic_write(figdir / f"{name}.png", lambda f, d=data: f.write(d), overwrite=True)
+        text = "\n".join(page.md).replace("FIGDIR", figdir.name) + "\n"
+        written.append(atomic_write_text(out.with_suffix(".md"), text, overwrite=True))
     return written
