@@ -405,3 +405,138 @@ def test_second_sampler_on_the_same_run_directory_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="another sampler is running"):
             Sampler(cfg, progress=False).run(run_dir)
     assert not list(run_dir.glob("*.jsonl"))  # nothing sampled, nothing written
+
+
+class FakeServer:
+    """A loopback OpenAI-style server whose answers the test writes: ``answer(n, payload,
+    headers) -> (status, body bytes)``. No model: for what a real server would rarely send."""
+
+    def __init__(self, answer) -> None:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                status, body = answer(payload, dict(self.headers))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        fake.closed = False
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def good_body(text: str = "Hi there") -> dict:
+    toks = [text[:2], text[2:]]
+    return {
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": {
+                    "content": [
+                        {
+                            "token": t,
+                            "logprob": -0.5,
+                            "top_logprobs": [{"token": t, "logprob": -0.5}],
+                        }
+                        for t in toks
+                    ]
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
+
+
+def test_api_key_never_leaks_whatever_the_server_sends(tmp_path, capsys):
+    """A key with a CRLF tail (a Windows .env), a server that echoes it in 5xx bodies (longer
+    than the 200 characters kept), in a 200 body's error/id/usage: neither the key nor any
+    8-character piece of it reaches stdout, stderr, metadata or sample files."""
+    from divscope.cli import main
+
+    secret = "sk-Zq81LmX0pRt5VwY3nB7cKd"
+    calls = {"n": 0}
+
+    def answer(payload, headers):
+        calls["n"] += 1
+        auth = headers.get("Authorization", "")
+        if calls["n"] == 1:
+            return 503, json.dumps({"error": "x" * 190 + auth}).encode()
+        body = good_body()
+        body["id"] = f"id-{auth}"
+        body["error"] = {"message": f"bad key {auth[7:20]}"}
+        body["usage"]["note"] = auth
+        return 200, json.dumps(body).encode()
+
+    server = FakeServer(answer)
+    os.environ["DIVSCOPE_LEAK_KEY"] = secret + "\r\n"
+    try:
+        p = write_config(
+            tmp_path, server.url, num_prompts=2, samples=1, cross_score=False,
+            extra_model={"api_key_env": "DIVSCOPE_LEAK_KEY", "chat_template": None},
+        )  # fmt: skip
+        main(["sample", "--config", str(p), "--quiet"])
+    finally:
+        server.close()
+        del os.environ["DIVSCOPE_LEAK_KEY"]
+    out = capsys.readouterr()
+    texts = [out.out, out.err] + [
+        f.read_text(errors="replace") for f in (tmp_path / "results").rglob("*") if f.is_file()
+    ]
+    pieces = {secret[i : i + 8] for i in range(len(secret) - 7)}
+    for text in texts:
+        assert not any(piece in text for piece in pieces), text[:300]
+    assert calls["n"] >= 3
+
+
+def test_malformed_responses_fail_their_prompt_only(tmp_path):
+    """A list body, choices ["x"], a string usage, a missing token, a lone surrogate: each is
+    its prompt's failure (reported, redone on resume); the other prompts are written."""
+    bad = {
+        0: b"[1, 2]",
+        1: json.dumps({"choices": ["x"]}).encode(),
+        2: json.dumps({**good_body(), "usage": "lots"}).encode(),
+        3: json.dumps(
+            {"choices": [{"message": {"content": "a"}, "logprobs": {"content": [{"logprob": -1}]}}]}
+        ).encode(),
+        4: json.dumps(good_body("ab\ud800cd")).encode(),
+    }
+    prompts = {}
+
+    def answer(payload, headers):
+        text = payload["messages"][-1]["content"]
+        k = prompts.setdefault(text, len(prompts))
+        return 200, bad.get(k, json.dumps(good_body()).encode())
+
+    server = FakeServer(answer)
+    try:
+        cfg = load_config(
+            write_config(
+                tmp_path,
+                server.url,
+                num_prompts=8,
+                samples=1,
+                cross_score=False,
+                extra_model={"chat_template": None},
+            )  # fmt: skip
+        )
+        summary = Sampler(cfg, progress=False).run()
+    finally:
+        server.close()
+    failed = {f["index"] for f in summary.prompts_failed}
+    assert len(failed) == 4 and summary.prompts_done == 4 and not summary.complete
+    assert all("malformed" in f["error"] for f in summary.prompts_failed)
+    run = Path(summary.run_dir)
+    written = records(run, "smol-a")
+    assert len(written) == 4 and not failed & {r["index"] for r in written}

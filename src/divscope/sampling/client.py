@@ -64,6 +64,31 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when - (time.time() if now is None else now))
 
 
+def scrub(text: str, key: str | None) -> str:
+    """``text`` with the key and every 8-character piece of it replaced by ``***``."""
+    if not key or not text:
+        return text
+    text = text.replace(key, "***")
+    for i in range(max(0, len(key) - 7)):
+        piece = key[i : i + 8]
+        if piece in text:
+            text = text.replace(piece, "***")
+    return text
+
+
+def scrub_json(obj: Any, key: str | None) -> Any:
+    """A decoded JSON value with :func:`scrub` applied to every string in it (keys too)."""
+    if not key:
+        return obj
+    if isinstance(obj, str):
+        return scrub(obj, key)
+    if isinstance(obj, list):
+        return [scrub_json(v, key) for v in obj]
+    if isinstance(obj, dict):
+        return {scrub(k, key): scrub_json(v, key) for k, v in obj.items()}
+    return obj
+
+
 class OpenAIClient:
     """POSTs to an OpenAI-compatible server with retries on 429, 5xx, timeouts and
     connection errors: exponential backoff with jitter, or the server's ``Retry-After``.
@@ -83,7 +108,9 @@ class OpenAIClient:
         rng: random.Random | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._key = os.environ.get(api_key_env) if api_key_env else None
+        # surrounding whitespace (a CRLF .env file's \r) would go into the header and into
+        # the error requests raises about it
+        self._key = (os.environ.get(api_key_env) or "").strip() or None if api_key_env else None
         self.spec = spec
         self.stats = stats
         self._sleep = sleep
@@ -98,7 +125,18 @@ class OpenAIClient:
         return s
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        """``text`` without the key or any 8-character piece of it."""
+        return scrub(text, self._key)
+
+    def _count_usage(self, body: Any) -> None:
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            return
+        counts = {}
+        for k in ("prompt_tokens", "completion_tokens"):
+            v = usage.get(k)
+            counts[k] = v if type(v) is int and 0 <= v < 10**9 else 0
+        self.stats.add(**counts)
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before retry number ``attempt + 1``."""
@@ -127,26 +165,25 @@ class OpenAIClient:
                 )
             except (requests.ConnectionError, requests.Timeout) as e:
                 last = f"{type(e).__name__}: {e}"
+            except (requests.RequestException, ValueError) as e:  # e.g. an invalid header
+                self.stats.add(failures=1)
+                raise APIError(self._scrub(f"{url}: {type(e).__name__}: {e}")) from None
             else:
                 if r.status_code == 200:
                     try:
-                        body = r.json()
+                        body = scrub_json(r.json(), self._key)
                     except ValueError:
                         last = "HTTP 200 with a body that is not JSON"
                     else:
-                        usage = body.get("usage") or {}
-                        self.stats.add(
-                            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                            completion_tokens=int(usage.get("completion_tokens") or 0),
-                        )
+                        self._count_usage(body)
                         return body
                 elif r.status_code == 429 or r.status_code >= 500:
-                    last = f"HTTP {r.status_code}: {r.text[:200]}"
+                    last = f"HTTP {r.status_code}: {self._scrub(r.text)[:200]}"
                     retry_after = retry_after_seconds(r.headers.get("Retry-After"))
                 else:
                     self.stats.add(failures=1)
                     raise APIError(
-                        self._scrub(f"{url}: HTTP {r.status_code}: {r.text[:300]}"),
+                        f"{url}: HTTP {r.status_code}: {self._scrub(r.text)[:300]}",
                         status=r.status_code,
                     )
             if attempt + 1 < self.spec.max_attempts:

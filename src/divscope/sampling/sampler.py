@@ -92,7 +92,13 @@ class Sampler:
         if seed is not None:
             payload["seed"] = seed
         body = self.clients[m.name].post("chat/completions", payload)
-        return chat_response_record(body, sp.top_logprobs, seed)
+        try:
+            record = chat_response_record(body, sp.top_logprobs, seed)
+            json.dumps(record, ensure_ascii=False).encode("utf-8")  # writable as it stands
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
+            # a malformed 200 body is this prompt's failure (reported, redone on resume)
+            raise APIError(f"{m.name}: malformed response ({type(e).__name__}: {e})") from None
+        return record
 
     def unit(self, item: PromptItem, scorers: dict[str, Scorer]) -> dict[str, dict[str, Any]]:
         """One prompt: every model's samples, cross-scored by every other model's scorer.
@@ -252,7 +258,9 @@ class Sampler:
 def check_api_keys(config: SampleConfig) -> None:
     """Raise :class:`ConfigError` (naming the variable, never the value) if a key is unset."""
     missing = [
-        m.api_key_env for m in config.models if m.api_key_env and not os.environ.get(m.api_key_env)
+        m.api_key_env
+        for m in config.models
+        if m.api_key_env and not (os.environ.get(m.api_key_env) or "").strip()
     ]
     if missing:
         raise ConfigError(
