@@ -174,6 +174,12 @@ def test_backoff_is_exponential_with_jitter():
         ({"models": []}, "models"),
         ({"models": [{"model": "m", "base_url": "ftp://x"}]}, "models[0].base_url"),
         ({"cross_score": "yes"}, "cross_score"),
+        ({"sampling": {"temperature": -0.5}}, "sampling.temperature"),
+        ({"sampling": {"temperature": float("nan")}}, "sampling.temperature"),
+        ({"sampling": {"top_p": 0.0}}, "sampling.top_p"),
+        ({"sampling": {"top_p": 1.5}}, "sampling.top_p"),
+        ({"requests": {"timeout_s": 0}}, "requests.timeout_s"),
+        ({"requests": {"backoff_base_s": -1}}, "requests.backoff_base_s"),
     ],
 )
 def test_config_errors_name_the_key_before_any_request(tmp_path, patch, key):
@@ -540,3 +546,16 @@ def test_malformed_responses_fail_their_prompt_only(tmp_path):
     run = Path(summary.run_dir)
     written = records(run, "smol-a")
     assert len(written) == 4 and not failed & {r["index"] for r in written}
+
+
+def test_empty_prompts_file_is_a_config_error(tmp_path):
+    """A prompts file with no prompts is refused when the run starts (a 0-prompt run used to
+    exit 0 as complete)."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    p = write_config(tmp_path, "http://127.0.0.1:9/v1")
+    cfg = yaml.safe_load(p.read_text())
+    cfg["dataset"]["path"] = str(empty)
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        Sampler(load_config(p), progress=False).run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,14 +219,35 @@ def parse_config(raw: Any, path: object = "<config>") -> SampleConfig:
         raise ConfigError(
             path, "sampling.logprobs", "must be true: divscope needs logprobs", "set logprobs: true"
         )
+    _check_ranges(sampling, path)
     requests_ = _section(raw, "requests", RequestSpec, path)
     if requests_.concurrency < 1 or requests_.max_attempts < 1:
         raise ConfigError(path, "requests", "concurrency and max_attempts must be >= 1", "fix it")
+    for key, value in (
+        ("timeout_s", requests_.timeout_s),
+        ("backoff_base_s", requests_.backoff_base_s),
+        ("backoff_max_s", requests_.backoff_max_s),
+    ):
+        low_ok = value > 0 if key == "timeout_s" else value >= 0
+        if not (low_ok and math.isfinite(value)):
+            need = "> 0" if key == "timeout_s" else ">= 0"
+            raise ConfigError(path, f"requests.{key}", f"{value!r} is not {need}", "fix the value")
     output = _section(raw, "output", OutputSpec, path)
     cross = raw.get("cross_score", True)
     if type(cross) is not bool:
         raise ConfigError(path, "cross_score", f"{cross!r} is not true/false", "fix it")
     return SampleConfig(models, dataset, sampling, requests_, output, cross, str(path))
+
+
+def _check_ranges(sampling: SamplingSpec, path: object) -> None:
+    """Refuse at load time what would make every request fail (or mean nothing)."""
+    t, p = sampling.temperature, sampling.top_p
+    if not (math.isfinite(t) and t >= 0):
+        raise ConfigError(
+            path, "sampling.temperature", f"{t!r} is not >= 0", "use 0 (greedy) or more"
+        )
+    if not (math.isfinite(p) and 0 < p <= 1):
+        raise ConfigError(path, "sampling.top_p", f"{p!r} is not in (0, 1]", "use e.g. 1.0")
 
 
 def load_config(path: str | Path) -> SampleConfig:

@@ -51,7 +51,12 @@ def load_prompts(ds: DatasetSpec, config_path: str | Path = "<config>") -> list[
     items = []
     if path.suffix == ".txt":
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-        return [PromptItem(i, ln) for i, ln in enumerate(x for x in lines if x)]
+        items = [PromptItem(i, ln) for i, ln in enumerate(x for x in lines if x)]
+        if not items:
+            raise ConfigError(
+                config_path, "dataset.path", f"{path} holds no prompts", "one per line"
+            )
+        return items
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -73,6 +78,10 @@ def load_prompts(ds: DatasetSpec, config_path: str | Path = "<config>") -> list[
             )
         items.append(
             PromptItem(len(items), row[ds.prompt_field], row.get("id"), row.get("category"))
+        )
+    if not items:
+        raise ConfigError(
+            config_path, "dataset.path", f"{path} holds no prompts", "one JSON object per line"
         )
     return items
 
