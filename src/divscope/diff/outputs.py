@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from divscope.diff.pipeline import DiffResult
-from divscope.diff.samplefiles import columns, token_strings
+from divscope.diff.samplefiles import columns, prompt_record, token_strings
 from divscope.diff.score import SIDES
 from divscope.runmeta import atomic_write_json, atomic_write_text
-from divscope.samples.records import FORMAT
 from divscope.sampling.responses import f32
 
 FILES = (
@@ -57,16 +56,7 @@ def sample_records(result: DiffResult, side: str, strings: list[str]) -> list[di
                     },
                 }
             )
-        records.append(
-            {
-                "format": FORMAT,
-                "index": p.index,
-                "prompt": p.prompt,
-                "model": labels[side],
-                "category": p.category,
-                "responses": responses,
-            }
-        )
+        records.append(prompt_record(p, labels[side], responses))
     return records
 
 

@@ -333,9 +333,8 @@ def cross_scored_records(
     """Both sides' samples as divscope JSONL records, each response cross-scored by the other
     model in that model's own tokens (``aligned: false``): the sampler's cross-scoring,
     computed locally. For two tokenizers, where only sequence totals compare (per byte)."""
-    from divscope.diff.samplefiles import columns, token_strings
+    from divscope.diff.samplefiles import columns, prompt_record, token_strings
     from divscope.diff.score import sequence_scores
-    from divscope.samples.records import FORMAT
 
     strings = {s: token_strings(setup.tokenizers[s]) for s in SIDES}
     labels = {s: setup.conditions[s].label for s in SIDES}
@@ -372,16 +371,7 @@ def cross_scored_records(
                         },
                     }
                 )
-            records.append(
-                {
-                    "format": FORMAT,
-                    "index": p.index,
-                    "prompt": p.prompt,
-                    "model": labels[side],
-                    "category": p.category,
-                    "responses": rows,
-                }  # fmt: skip
-            )
+            records.append(prompt_record(p, labels[side], rows))
         out[side] = records
     return out
 

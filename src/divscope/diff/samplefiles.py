@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from divscope.samples.records import FORMAT
 from divscope.sampling.responses import f32
 
 
@@ -29,4 +30,16 @@ def columns(ids: list[int], lp: np.ndarray, top_ids: np.ndarray, top_lp: np.ndar
         "top_tokens": [[strings[t] for t in row] for row in top_ids.tolist()],
         "top_logprobs": [f32(row) for row in top_lp.tolist()],
         "token_ids": list(ids),
+    }
+
+
+def prompt_record(prompt: Any, model: str, responses: list[dict[str, Any]]) -> dict[str, Any]:
+    """One prompt's divscope JSONL record (``prompt`` a :class:`PromptItem`)."""
+    return {
+        "format": FORMAT,
+        "index": prompt.index,
+        "prompt": prompt.prompt,
+        "model": model,
+        "category": prompt.category,
+        "responses": responses,
     }
