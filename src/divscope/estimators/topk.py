@@ -3,8 +3,10 @@
 No exact KL exists from top-k logprobs. What is computed here is honest about that:
 
 * :func:`mc_kl_terms` — the Monte Carlo estimate of the per-token KL rate,
-  ``mean_x [log P(x) - log Q(x)]`` over tokens x sampled from P. Unbiased for the
-  per-token KL rate; a single sample can be negative.
+  ``mean_x [log P(x) - log Q(x)]`` over tokens x sampled from P. Each term's expectation
+  given its prefix is the exact KL at that position; the rate over responses of varying length
+  (sum / sum) is a ratio estimator: consistent, not exactly unbiased for few responses. A
+  single sample can be negative.
 * :func:`coarse_bounds` — at each position, keep the tokens whose probability is known in
   both P and Q, merge the rest of each distribution into one tail bucket, and compute KL and
   JS of those coarse distributions. By the data-processing inequality both are lower bounds
