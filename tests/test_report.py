@@ -271,3 +271,30 @@ def test_markdown_report_refuses_before_touching_figures(ranking_run, tmp_path):
     assert all(f.read_bytes() == b"edited by hand" for f in figs)
     build_report(ranking_run, out, "md", overwrite=True)
     assert all(f.read_bytes() != b"edited by hand" for f in figs)
+
+
+def test_crafted_run_files_cannot_inject_markup(ranking_run, tmp_path):
+    """A string rank in ranking.json is refused with one clear error; prompts and model names
+    reach the Markdown report escaped (they used to be raw HTML there)."""
+    import json
+
+    doc = json.loads((ranking_run / "ranking.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    evil = json.loads(json.dumps(doc))
+    evil["prompts"][0]["rank"] = "<script>alert(1)</script>"
+    (bad / "ranking.json").write_text(json.dumps(evil))
+    with pytest.raises(ReportError, match="prompt 0 is malformed"):
+        build_report(bad)
+    assert main(["report", str(bad)]) == 2
+    assert not (bad / "report.html").exists()
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    tricky = json.loads(json.dumps(doc))
+    tricky["models"] = ["<img src=x onerror=alert(1)>", tricky["models"][1]]
+    tricky["prompts"][0]["prompt"] = "<script>alert(2)</script>"
+    tricky["files"] = doc["files"]
+    (ok / "ranking.json").write_text(json.dumps(tricky))
+    html_path, md_path = build_report(ok, ok / "report", "both")
+    for text in (html_path.read_text(), md_path.read_text()):
+        assert "<script>alert" not in text and "<img src=x" not in text

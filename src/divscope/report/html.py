@@ -104,9 +104,14 @@ def table(
     return "".join(out)
 
 
+def md_escape(text: str) -> str:
+    """Markdown text that shows ``<``, ``>`` and ``&`` literally (Markdown renders raw HTML)."""
+    return html.escape(str(text), quote=False)
+
+
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
-        return _fmt(v).replace("|", "\\|").replace("\n", " ")
+        return md_escape(_fmt(v)).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
@@ -150,17 +155,17 @@ class Page:
     def __init__(self, title: str) -> None:
         self.title = title
         self.html: list[str] = []
-        self.md: list[str] = [f"# {title}"]
+        self.md: list[str] = [f"# {md_escape(title)}"]
         self.figures: list[tuple[str, bytes]] = []
 
     def heading(self, text: str) -> None:
         self.html.append(f"<h2>{html.escape(text)}</h2>")
-        self.md.append(f"\n## {text}")
+        self.md.append(f"\n## {md_escape(text)}")
 
     def para(self, text: str, cls: str | None = None) -> None:
         c = f' class="{cls}"' if cls else ""
         self.html.append(f"<p{c}>{html.escape(text)}</p>")
-        self.md.append(f"\n{text}")
+        self.md.append(f"\n{md_escape(text)}")
 
     def table(self, headers: list[str], rows: list[list[Any]], table_id: str | None = None) -> None:
         self.html.append(table(headers, rows, table_id=table_id))
@@ -175,11 +180,11 @@ class Page:
             f'src="data:image/png;base64,{b64}"><figcaption class="muted">'
             f"{html.escape(caption)}</figcaption></figure>"
         )
-        self.md.append(f"\n![{caption or name}](FIGDIR/{name}.png)")
+        self.md.append(f"\n![{md_escape(caption or name)}](FIGDIR/{name}.png)")
 
     def raw_html(self, fragment: str, md_text: str | None = None) -> None:
         self.html.append(fragment)
-        if md_text:
+        if md_text:  # the caller escapes what came from files (md_escape)
             self.md.append("\n" + md_text)
 
     def render_html(self) -> str:
@@ -206,7 +211,7 @@ def _read_ranking(run: Path) -> tuple[Any, dict[str, Any]]:
     """The run's ranking.json as a :class:`Ranking`, and its metadata (or {})."""
     from divscope.estimators.ranking import PromptScore, Ranking
 
-    doc = json.loads((run / "ranking.json").read_text())
+    doc = _checked_ranking(run / "ranking.json")
     meta = (
         json.loads((run / "metadata.json").read_text()) if (run / "metadata.json").exists() else {}
     )
@@ -226,6 +231,52 @@ def _read_ranking(run: Path) -> tuple[Any, dict[str, Any]]:
         doc.get("bootstrap", {}).get("ci_level", 0.95),
     )
     return r, meta
+
+
+def _checked_ranking(path: Path) -> dict[str, Any]:
+    """ranking.json, checked field by field (a crafted or damaged file gets one clear error)."""
+
+    def bad(what: str) -> ReportError:
+        return ReportError(
+            f"{path}: {what}. Fix: regenerate it with divscope rank --json, diff or kl_demo"
+        )
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"unreadable ({type(e).__name__})") from None
+    num = (int, float)
+    if not isinstance(doc, dict) or not isinstance(doc.get("metric"), str):
+        raise bad("no metric")
+    models = doc.get("models")
+    if not (
+        isinstance(models, list) and len(models) == 2 and all(isinstance(m, str) for m in models)
+    ):
+        raise bad("models must be two names")
+    if not isinstance(doc.get("prompts"), list):
+        raise bad("no prompts list")
+    for i, p in enumerate(doc["prompts"]):
+        ok = (
+            isinstance(p, dict)
+            and type(p.get("index")) is int
+            and (p.get("rank") is None or type(p.get("rank")) is int)
+            and isinstance(p.get("prompt"), str)
+            and isinstance(p.get("scores"), dict)
+            and all(v is None or type(v) in num for v in p["scores"].values())
+            and isinstance(p.get("ci"), dict)
+            and all(
+                v is None
+                or (isinstance(v, list) and len(v) == 2 and all(type(x) in num for x in v))
+                for v in p["ci"].values()
+            )
+            and all(
+                isinstance(p.get(k), list) and len(p[k]) == 2 and all(type(x) is int for x in p[k])
+                for k in ("n_responses", "excluded_responses")
+            )
+        )
+        if not ok:
+            raise bad(f"prompt {i} is malformed (index/rank must be integers, scores numbers)")
+    return doc
 
 
 def _ranking_summary(r: Any, meta: dict[str, Any], page: Page) -> None:
@@ -310,11 +361,13 @@ def _ranking_token_views(run: Path, r: Any, page: Page) -> None:
         resp = ra.usable[0]
         infos = _token_infos(resp, tokens, values, kind, a, b)
         page.raw_html(
-            f"<h3>#{p.rank}: prompt {p.index}</h3><p>{html.escape(p.prompt)}</p>"
+            f"<h3>#{html.escape(str(p.rank))}: prompt {html.escape(str(p.index))}</h3>"
+            f"<p>{html.escape(p.prompt)}</p>"
             f'<p class="muted">{html.escape(a.model)}\'s first response; colour: '
             f"per-token {kind} contribution (red: {html.escape(a.model)} more likely)"
             f"</p>" + token_html(tokens, [float(v) for v in values], infos),
-            f"### #{p.rank}: prompt {p.index}\n\n{p.prompt}\n\n> {resp.text[:500]}",
+            f"### #{p.rank}: prompt {p.index}\n\n{md_escape(p.prompt)}\n\n"
+            f"> {md_escape(' '.join(resp.text[:500].split()))}",
         )
 
 
@@ -538,7 +591,9 @@ def _persona_explanations(explanations: list[dict[str, Any]], page: Page) -> Non
     for ex in explanations:
         a, b = ex["a"], ex["b"]
         wc = ex["what_changed"]
-        page.raw_html(f"<h3>{html.escape(a)} → {html.escape(b)}</h3>", f"### {a} -> {b}")
+        page.raw_html(
+            f"<h3>{html.escape(a)} → {html.escape(b)}</h3>", f"### {md_escape(a)} -> {md_escape(b)}"
+        )
         page.para(
             f"over {ex['positions']} positions of both personas' answers; {wc['definition']}",
             "muted",
@@ -547,7 +602,7 @@ def _persona_explanations(explanations: list[dict[str, Any]], page: Page) -> Non
             ("boosted_in_b", f"boosted under {b}"),
             ("suppressed_in_b", f"suppressed under {b}"),
         ):
-            page.raw_html(f"<h4>{html.escape(label)}</h4>", f"#### {label}")
+            page.raw_html(f"<h4>{html.escape(label)}</h4>", f"#### {md_escape(label)}")
             page.table(
                 ["token", "Δ probability", "weighted log-ratio"],
                 [[repr(t["token"]), t["delta_prob"], t["weighted_log_ratio"]] for t in wc[key]],
@@ -573,7 +628,9 @@ def _persona_explanations(explanations: list[dict[str, Any]], page: Page) -> Non
             " per-token JS between the two personas</p>"
             + token_html(resp["tokens"], resp["js"], infos),
             "Most divergent positions: "
-            + ", ".join(f"{p['token']!r} ({p['js']:.3f})" for p in resp["top_positions"]),
+            + md_escape(
+                ", ".join(f"{p['token']!r} ({p['js']:.3f})" for p in resp["top_positions"])
+            ),
         )
 
 
