@@ -31,7 +31,7 @@ from divscope.diff.score import SIDES, PairScores, PromptPair, SideScores, score
 from divscope.estimators.ranking import Ranking
 from divscope.models.chat import PromptRenderer
 from divscope.models.load import cache_dir, resolve_model
-from divscope.runmeta import atomic_write_text, content_hash, run_metadata
+from divscope.runmeta import atomic_write, atomic_write_text, content_hash, run_metadata
 from divscope.sampling.config import ConfigError, DatasetSpec
 from divscope.sampling.prompts import PromptItem, load_prompts
 
@@ -79,8 +79,6 @@ def read_prompts(
         items = load_prompts(DatasetSpec(path=str(path)), path)
     except (ConfigError, UnicodeDecodeError) as e:
         raise DiffInputError(str(e)) from e
-    if not items:
-        raise DiffInputError(f"{path}: holds no prompts. Fix: one JSON object per line")
     if not max_prompts or max_prompts >= len(items):
         return items
     if spread:
@@ -125,13 +123,9 @@ def prepare(
 
 
 def generate_samples(
-    setup: DiffSetup, params: dict[str, Any], *, backend: str, progress: bool, batch_size: int = 64
+    setup: DiffSetup, params: dict[str, Any], *, backend: str, progress: bool, batch_size: int = 16
 ) -> Responses:
     """``samples`` responses per prompt from each side (cached per side, prompts, settings)."""
-    from tqdm.auto import tqdm
-
-    from divscope.models.generate import generate_hf, generate_vllm
-
     n_s = params["samples"]
     gen = {k: params[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")}
     out: Responses = {}
@@ -144,25 +138,42 @@ def generate_samples(
         )
         if f.exists():
             got = json.loads(f.read_text())
-        elif backend == "vllm":
-            cond = setup.conditions[side]
-            if cond.adapter:
-                raise DiffInputError(
-                    f"{cond.label}: the vllm backend does not load adapters here. Fix: "
-                    "backend hf, or merge the adapter and save the model to a directory"
-                )
-            path = resolve_model(cond.model)
-            got = generate_vllm(path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype)
-            atomic_write_text(f, json.dumps(got), overwrite=True)
         else:
-            desc = f"generating {side.upper()}"
-            with tqdm(total=len(flat), desc=desc, unit="resp", disable=not progress) as bar:
-                got = generate_hf(
-                    setup.models[side], setup.tokenizers[side], flat, progress=bar, **gen
-                )
+            got = _generate(setup, side, flat, gen, backend, batch_size, progress)
             atomic_write_text(f, json.dumps(got), overwrite=True)
         out[side] = [got[i * n_s : (i + 1) * n_s] for i in range(len(setup.prompts))]
     return out
+
+
+def _generate(
+    setup: DiffSetup,
+    side: str,
+    flat: list[list[int]],
+    gen: dict[str, Any],
+    backend: str,
+    batch_size: int,
+    progress: bool,
+) -> list[list[int]]:
+    """One side's responses to ``flat`` prompt ids (HF batched, or vLLM)."""
+    from tqdm.auto import tqdm
+
+    from divscope.models.generate import generate_hf, generate_vllm
+
+    cond = setup.conditions[side]
+    if backend == "vllm":
+        if cond.adapter:
+            raise DiffInputError(
+                f"{cond.label}: the vllm backend does not load adapters here. Fix: "
+                "backend hf, or merge the adapter and save the model to a directory"
+            )
+        path = resolve_model(cond.model)
+        return generate_vllm(path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype)
+    desc = f"generating {side.upper()}"
+    with tqdm(total=len(flat), desc=desc, unit="resp", disable=not progress) as bar:
+        return generate_hf(
+            setup.models[side], setup.tokenizers[side], flat, batch_size=batch_size,
+            progress=bar, **gen,
+        )  # fmt: skip
 
 
 def check_seams(setup: DiffSetup, responses: Responses) -> dict[str, Any]:
@@ -217,9 +228,7 @@ def write_unit(path: Path, unit: PairScores) -> None:
     arrays = {f"{s}.{k}": getattr(unit.sides[s], k) for s in SIDES for k in _FIELDS}
     arrays["changed"] = unit.changed.astype(np.float32)
     arrays["n_positions"] = np.array(unit.n_positions)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=True)
 
 
 def read_unit(path: Path) -> PairScores | None:
@@ -312,19 +321,36 @@ def run_diff(
     changed = what_changed(units, cats, lambda t: decode([t]))
     timings["total"] = time.perf_counter() - t0
     params |= {"metric": metric, "top_k": top_k, "n_bootstrap": n_bootstrap, "backend": backend}
-    meta = run_metadata(
-        "diff",
+    meta = diff_metadata(
+        setup,
         {**params, "device": device, "n_prompts": len(prompts)},
-        conditions={s: c.__dict__ for s, c in setup.conditions.items()},
-        labels=[c.label for c in setup.conditions.values()],
-        seams=seams,
+        seams,
+        timings,
         warnings=[w for r in setup.renderers.values() for w in r.warnings],
         tokens_scored=sum(u.n_positions for u in units.values()),
         units=len(units),
         units_from_cache=n_cached,
-        timings_s=timings,
     )
     return DiffResult(setup, responses, units, ranking, summary, changed, meta)
+
+
+def diff_metadata(
+    setup: DiffSetup,
+    params: dict[str, Any],
+    seams: dict[str, Any],
+    timings: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The run's metadata record: parameters, both conditions, the seams, timings."""
+    return run_metadata(
+        "diff",
+        params,
+        conditions={s: c.__dict__ for s, c in setup.conditions.items()},
+        labels=[c.label for c in setup.conditions.values()],
+        seams=seams,
+        **extra,
+        timings_s=timings,
+    )
 
 
 def cross_scored_records(
@@ -419,13 +445,6 @@ def text_diff(
     )
     summary = {"notes": [ranking.notes[0]], "exact": False}
     timings["total"] = time.perf_counter() - t0
-    meta = run_metadata(
-        "diff",
-        {**params, "metric": "mc_kl", "n_prompts": len(setup.prompts)},
-        conditions={s: c.__dict__ for s, c in setup.conditions.items()},
-        labels=[c.label for c in setup.conditions.values()],
-        seams=seams,
-        same_tokenizer=False,
-        timings_s=timings,
-    )
+    params = {**params, "metric": "mc_kl", "n_prompts": len(setup.prompts)}
+    meta = diff_metadata(setup, params, seams, timings, same_tokenizer=False)
     return DiffResult(setup, responses, {}, ranking, summary, {}, meta, records)

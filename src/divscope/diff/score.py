@@ -13,7 +13,7 @@ divergence, so no ``(responses, positions, vocab)`` tensor exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,7 +73,6 @@ class PairScores:
     sides: dict[str, SideScores]
     changed: np.ndarray  # (3, V) float64: sums of P_B - P_A, w (log P_B - log P_A), w
     n_positions: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 RESPONSE_BATCH = 8  # responses per forward pass: bounds the working memory whatever S is
@@ -103,7 +102,8 @@ def score_prompt_pair(
                 for s in SIDES
             }
             # every real position of the batch, response after response (padding dropped)
-            keep = torch.tensor([[t < len(r) for t in range(states["a"].shape[1])] for r in batch])
+            lengths = torch.tensor([len(r) for r in batch])
+            keep = torch.arange(states["a"].shape[1])[None, :] < lengths[:, None]
             h = {s: states[s][keep] for s in SIDES}  # (positions, H), contiguous
             tokens = torch.tensor([t for r in batch for t in r], device=h["a"].device)
             _positions(h["a"], h["b"], tokens, heads, top_k, changed, cols)
@@ -123,10 +123,8 @@ def _positions(
     """Positions ``(N, H)`` of both models, a cache-sized chunk at a time: the output heads
     in fp32 into reused buffers, then one fused pass for the divergences and normalisers and
     one for the "what changed" sums; top-k and the sampled token from the logits."""
-    vocab = heads["a"][0].shape[0]
-    step = HEAD_ROWS
-    n = min(step, h_a.shape[0])
-    bufs = [torch.empty(n * vocab, device=h_a.device) for _ in range(2)]
+    vocab, step = heads["a"][0].shape[0], HEAD_ROWS
+    bufs = [torch.empty(min(step, h_a.shape[0]) * vocab, device=h_a.device) for _ in range(2)]
     for t0 in range(0, h_a.shape[0], step):
         xa = fp32_logits(h_a[t0 : t0 + step], heads["a"], bufs[0])
         xb = fp32_logits(h_b[t0 : t0 + step], heads["b"], bufs[1])
@@ -183,33 +181,21 @@ def sequence_scores(
     when two models' tokenizers differ (each scores the text in its own tokens)."""
     head = output_head(model)
     kv = prompt_kv(model, [prompt])
-    out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    todo = [r for r in responses if r]
-    scored = {}
+    empty = (
+        np.zeros(0, np.float32),
+        np.zeros((0, top_k), np.int32),
+        np.zeros((0, top_k), np.float32),
+    )
+    out = [empty] * len(responses)
+    todo = [i for i, r in enumerate(responses) if r]
     for start in range(0, len(todo), RESPONSE_BATCH):
-        batch = todo[start : start + RESPONSE_BATCH]
+        idx = todo[start : start + RESPONSE_BATCH]
+        batch = [responses[i] for i in idx]
         states = response_states(model, kv, [prompt], [0] * len(batch), batch)
-        for r, resp in enumerate(batch):
+        for r, (i, resp) in enumerate(zip(idx, batch, strict=True)):
             x = fp32_logits(states[r, : len(resp)], head)
             lse = torch.logsumexp(x, -1)
             top, ids = x.topk(top_k, -1)
             lp = x.gather(1, torch.tensor(resp)[:, None])[:, 0] - lse
-            scored[start + r] = (
-                lp.numpy(),
-                ids.int().numpy(),
-                (top - lse[:, None]).numpy(),
-            )
-    k = 0
-    for r in responses:
-        if r:
-            out.append(scored[k])
-            k += 1
-        else:
-            out.append(
-                (
-                    np.zeros(0, np.float32),
-                    np.zeros((0, top_k), np.int32),
-                    np.zeros((0, top_k), np.float32),
-                )
-            )
+            out[i] = (lp.numpy(), ids.int().numpy(), (top - lse[:, None]).numpy())
     return out

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from divscope.models.teacher_force import PromptKV, UnitScores, prompt_kv, teacher_force
-from divscope.runmeta import content_hash
+from divscope.runmeta import atomic_write, content_hash
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class UnitCache:
 
     @staticmethod
     def write(path: Path, u: UnitScores) -> None:
-        """Write ``u`` atomically (a temporary file, then a rename)."""
+        """Write ``u`` atomically (:func:`divscope.runmeta.atomic_write`)."""
         arrays = {
             "js": u.js,
             "kl_fwd": u.kl_fwd,
@@ -121,6 +121,4 @@ class UnitCache:
         }
         if u.hidden is not None:
             arrays["hidden"] = u.hidden
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=True)
