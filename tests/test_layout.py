@@ -91,11 +91,11 @@ def test_pipeline_stages_form_a_dag():
     assert find_cycle(stages) is None, stages
 
 
-def test_only_runmeta_and_gcpause_are_shared_top_level_modules():
+def test_only_runmeta_bounded_and_gcpause_are_shared_top_level_modules():
     users = {
         d for m, deps in graph().items() if stage(m) != "<top>" for d in deps if stage(d) == "<top>"
     }
-    assert users <= {"divscope", "divscope.runmeta", "divscope.gcpause"}
+    assert users <= {"divscope", "divscope.runmeta", "divscope.bounded", "divscope.gcpause"}
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,35 @@ def test_rerun_comes_from_the_cache(smol, small_run):
         unit_cache=cache,
     )
     assert again.metadata["units_from_cache"] == 6
+    for k, v in result.matrices.items():
+        np.testing.assert_array_equal(again.matrices[k], v)
+
+
+def test_damaged_cache_units_are_recomputed_not_used(smol, small_run, tmp_path):
+    """A truncated unit and one with an edited value (its old checksum kept): both are named in
+    a warning and recomputed; the matrices equal the undamaged run's."""
+    result, cache = small_run
+    copy_dir = tmp_path / "units"
+    shutil.copytree(cache, copy_dir)
+    units = sorted(copy_dir.rglob("unit_*.npz"))
+    units[0].write_bytes(units[0].read_bytes()[:100])
+    with np.load(units[1]) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["js"] = arrays["js"] + 0.25  # wrong, finite, plausible: only the checksum tells
+    np.savez(units[1], **arrays)
+    with pytest.warns(UserWarning) as caught:
+        again = run_personas(
+            "smollm2-135m-instruct",
+            load_personas(PERSONAS, 3),
+            load_questions(QUESTIONS, 2),
+            max_new_tokens=8,
+            progress=False,
+            loaded=smol,
+            unit_cache=copy_dir,
+        )
+    named = " ".join(str(w.message) for w in caught)
+    assert units[0].name in named and units[1].name in named and "recomputing" in named
+    assert again.metadata["units_from_cache"] == 4
     for k, v in result.matrices.items():
         np.testing.assert_array_equal(again.matrices[k], v)
 

@@ -15,7 +15,7 @@ from divscope.models.chat import TemplateSeamError
 from divscope.models.load import ModelNotFoundError
 from divscope.personas.data import PersonaDataError
 from divscope.report.html import ReportError
-from divscope.runmeta import atomic_write_json
+from divscope.runmeta import OutputError, atomic_write_json, check_writable, output_error
 from divscope.samples.errors import SampleFileError
 from divscope.samples.read import load_pair, load_samples
 from divscope.samples.write import write_samples_jsonl
@@ -66,6 +66,8 @@ def format_ranking(r: Ranking, top: int | None = None) -> str:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
+    if args.json:  # refused before any work, not after the table is computed and printed
+        check_writable(Path(args.json), overwrite=args.overwrite)
     a, b = load_pair(args.file_a, args.file_b)
     ranking = rank_prompts(
         a,
@@ -83,6 +85,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    check_writable(Path(args.output), overwrite=args.overwrite)
     samples = load_samples(args.input)
     if Path(args.output).suffix.lower() == ".npz":
         from divscope.samples.packed import write_samples_packed
@@ -214,11 +217,12 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    if not args.overwrite:  # nothing computed or written when an output would be replaced
-        if args.json and Path(args.json).exists():
-            raise FileExistsError(f"{args.json} exists")
-        if args.figures and list(Path(args.figures).glob("*.png")):
-            raise FileExistsError(f"{args.figures} already holds figures")
+    if args.json:  # nothing computed or written when an output would fail or be replaced
+        check_writable(Path(args.json), overwrite=args.overwrite)
+    if args.figures and Path(args.figures).exists() and not Path(args.figures).is_dir():
+        raise OutputError(args.figures, "is a file, not a folder", "give a folder for the figures")
+    if args.figures and not args.overwrite and list(Path(args.figures).glob("*.png")):
+        raise FileExistsError(f"{args.figures} already holds figures")
 
     from divscope.stats import analysis as stats
 
@@ -481,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileExistsError as e:
         print(f"divscope: error: {e}; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    except OutputError as e:
+        print(f"divscope: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing a run directory or an output: one line, not a traceback
+        print(f"divscope: error: {output_error(None, e)}", file=sys.stderr)
         return 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,17 +18,74 @@ from typing import Any, BinaryIO
 import divscope
 
 
+class OutputError(Exception):
+    """An output that cannot be written: names the path, the problem and the fix."""
+
+    def __init__(self, path: Path | str, problem: str, fix: str) -> None:
+        super().__init__(f"{path}: {problem}. Fix: {fix}")
+        self.path, self.problem, self.fix = path, problem, fix
+
+
+_KEPT = "completed work is kept; re-run after fixing it"
+_OS_PROBLEMS = {
+    errno.ENOSPC: ("the disk is full", f"free space or write elsewhere ({_KEPT})"),
+    errno.EDQUOT: ("the disk quota is used up", f"free space or write elsewhere ({_KEPT})"),
+    errno.EROFS: ("the file system is read-only", "write to a writable place"),
+    errno.EACCES: ("permission denied", "write to a folder you may write to"),
+    errno.EPERM: ("permission denied", "write to a folder you may write to"),
+    errno.ENOTDIR: ("a parent of it is a file, not a folder", "choose another path"),
+    errno.EEXIST: ("a parent of it is a file, not a folder", "choose another path"),
+    errno.EISDIR: ("is a directory", "give a file path inside it"),
+}
+
+
+def output_error(path: Path | str | None, e: OSError) -> OutputError:
+    """``e`` (raised while writing ``path``) as one clear :class:`OutputError`."""
+    problem, fix = _OS_PROBLEMS.get(e.errno or 0, (e.strerror or str(e), "check the path"))
+    return OutputError(path or e.filename or "<output>", problem, fix)
+
+
+def check_writable(path: Path, *, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that could not be written.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        OutputError: ``path`` is a directory, a parent is a file, or the place is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(path, "is a directory", "give a file path (e.g. DIR/result.json)")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; not overwriting it (choose another path)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(path, f"{parent} is a file, not a folder", "choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        e = OSError(errno.EROFS if _read_only(parent) else errno.EACCES, "not writable")
+        raise output_error(path, e)
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:
     """Call ``write`` on a temporary file next to ``path``, fsync, then rename it to ``path``.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False (nothing is written).
+        OutputError: It cannot be written (full disk, read-only, a parent is a file, ...);
+            nothing is left behind and an earlier file at ``path`` is untouched.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; not overwriting it (choose another path)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    check_writable(path, overwrite=overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise output_error(path, e) from e
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -37,6 +95,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bo
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise output_error(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -44,15 +105,31 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bo
 
 
 def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite)
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`).
+
+    A lone surrogate (which UTF-8 cannot encode; a sample file may carry one) is written as
+    its ``\\udXXX`` escape, visibly, instead of failing the write.
+    """
+    data = text.encode("utf-8", errors="backslashreplace")
+    return atomic_write(path, lambda f: f.write(data), overwrite=overwrite)
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` keeping non-ASCII text as is, unless a lone surrogate needs ``\\u`` escapes.
+
+    The result always encodes as UTF-8 and reads back to ``obj`` exactly.
+    """
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, **kwargs)
+    return text
 
 
 def atomic_write_json(path: Path, obj: Any, *, overwrite: bool = False) -> Path:
     """Write ``obj`` as indented JSON, atomically (see :func:`atomic_write_text`)."""
-    return atomic_write_text(
-        path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", overwrite=overwrite
-    )
+    return atomic_write_text(path, json_text(obj, indent=2) + "\n", overwrite=overwrite)
 
 
 def git_commit(cwd: Path | None = None, ignore: tuple[str, ...] = ()) -> str | None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from divscope.bounded import ArrayFileError, read_unit_arrays, write_unit_arrays
 from divscope.diff.aggregate import (
     METRICS,
     SUMMARY_NOTES,
@@ -31,7 +33,7 @@ from divscope.diff.score import SIDES, PairScores, PromptPair, SideScores, score
 from divscope.estimators.ranking import Ranking
 from divscope.models.chat import PromptRenderer
 from divscope.models.load import cache_dir, resolve_model
-from divscope.runmeta import atomic_write, atomic_write_text, content_hash, run_metadata
+from divscope.runmeta import atomic_write_text, content_hash, run_metadata
 from divscope.sampling.config import ConfigError, DatasetSpec
 from divscope.sampling.prompts import PromptItem, load_prompts
 
@@ -221,26 +223,37 @@ def score_units(
 
 
 _FIELDS = tuple(SideScores.__dataclass_fields__)
+_KINDS = {"lengths": "iu", "agree": "b", "top_ids_a": "iu", "top_ids_b": "iu"}  # others: "f"
+_UNIT_SPEC = {
+    f"{s}.{k}": (_KINDS.get(k, "f"), (-1, -1) if k.startswith("top_") else (-1,))
+    for s in SIDES
+    for k in _FIELDS
+} | {"changed": ("f", (3, -1)), "n_positions": ("iu", ())}
 
 
 def write_unit(path: Path, unit: PairScores) -> None:
-    """A unit as one ``.npz`` (plain arrays), written atomically."""
+    """A unit as one ``.npz`` of plain arrays with its checksum, written atomically."""
     arrays = {f"{s}.{k}": getattr(unit.sides[s], k) for s in SIDES for k in _FIELDS}
     arrays["changed"] = unit.changed.astype(np.float32)
     arrays["n_positions"] = np.array(unit.n_positions)
-    atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=True)
+    write_unit_arrays(path, path.stem, arrays)
 
 
 def read_unit(path: Path) -> PairScores | None:
-    """A cached unit, or None when there is none (or it cannot be read: then recomputed)."""
+    """A cached unit, or None when there is none or it fails its checks (then recomputed).
+
+    A failing unit (truncated, edited, renamed, malformed: :func:`read_unit_arrays`) is reported
+    with a warning naming the file; the recomputed unit replaces it.
+    """
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            sides = {s: SideScores(*(z[f"{s}.{k}"] for k in _FIELDS)) for s in SIDES}
-            return PairScores(sides, z["changed"].astype(np.float64), int(z["n_positions"]))
-    except (OSError, KeyError, ValueError):
+        z = read_unit_arrays(path, path.stem, _UNIT_SPEC)
+    except ArrayFileError as e:
+        warnings.warn(f"{e}; recomputing this unit", stacklevel=2)
         return None
+    sides = {s: SideScores(*(z[f"{s}.{k}"] for k in _FIELDS)) for s in SIDES}
+    return PairScores(sides, z["changed"].astype(np.float64), int(z["n_positions"]))
 
 
 def build_ranking(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from divscope.bounded import UnreadableFile, read_yaml
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,9 @@ class PersonaDataError(ValueError):
 
 def _entries(path: Path, key: str) -> list[Any]:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise PersonaDataError(f"{path}: no such file. Fix: check the path") from e
-    except yaml.YAMLError as e:
-        raise PersonaDataError(f"{path}: not valid YAML ({e}). Fix: fix the syntax") from e
+        raw = read_yaml(Path(path))
+    except UnreadableFile as e:
+        raise PersonaDataError(f"{path}: {e}") from e
     entries = raw.get(key) if isinstance(raw, dict) else raw
     if not isinstance(entries, list) or not entries:
         raise PersonaDataError(

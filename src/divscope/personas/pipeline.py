@@ -239,7 +239,7 @@ def score_units(
             files = {g: cache.path(prompts, responses[g][q], g, g == 0) for g in range(n)}
             todo = {}
             for g in range(n):
-                u = cache.read(files[g], hidden=g == 0)
+                u = cache.read(files[g], hidden=g == 0, n_personas=len(prompts))
                 if u is not None:
                     units[(g, q)] = u
                     n_cached += 1

@@ -9,14 +9,16 @@ response ids, parameters): a rerun reads them back and an interrupted run resume
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from divscope.bounded import ArrayFileError, read_unit_arrays, write_unit_arrays
 from divscope.models.teacher_force import PromptKV, UnitScores, prompt_kv, teacher_force
-from divscope.runmeta import atomic_write, content_hash
+from divscope.runmeta import content_hash
 
 
 @dataclass(frozen=True)
@@ -97,22 +99,31 @@ class UnitCache:
         return self.root / f"unit_{key}.npz"
 
     @staticmethod
-    def read(path: Path, hidden: bool) -> UnitScores | None:
-        """The cached scores, or None when the file does not exist."""
+    def read(path: Path, hidden: bool, n_personas: int = -1) -> UnitScores | None:
+        """The cached scores, or None when there are none or the file fails its checks.
+
+        A unit that is truncated, edited, renamed or malformed (names, dtypes, shapes, NaN, the
+        checksum written with it: :func:`divscope.bounded.read_unit_arrays`) is reported with
+        a warning that names the file, and recomputed (the new unit replaces it).
+        """
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as z:
-            return UnitScores(
-                z["js"],
-                z["kl_fwd"],
-                z["kl_rev"],
-                int(z["n_tokens"]),
-                z["hidden"] if hidden else None,
-            )
+        n = n_personas
+        spec = {"js": ("f", (n,)), "kl_fwd": ("f", (n,)), "kl_rev": ("f", (n,))}
+        spec["n_tokens"] = ("iu", ())
+        if hidden:
+            spec["hidden"] = ("f", (n, -1, -1))
+        try:
+            z = read_unit_arrays(path, path.stem, spec)
+        except ArrayFileError as e:
+            warnings.warn(f"{e}; recomputing this unit", stacklevel=2)
+            return None
+        h = z["hidden"] if hidden else None
+        return UnitScores(z["js"], z["kl_fwd"], z["kl_rev"], int(z["n_tokens"]), h)
 
     @staticmethod
     def write(path: Path, u: UnitScores) -> None:
-        """Write ``u`` atomically (:func:`divscope.runmeta.atomic_write`)."""
+        """Write ``u`` atomically, with its checksum (:func:`divscope.bounded.write_unit_arrays`)."""
         arrays = {
             "js": u.js,
             "kl_fwd": u.kl_fwd,
@@ -121,4 +132,4 @@ class UnitCache:
         }
         if u.hidden is not None:
             arrays["hidden"] = u.hidden
-        atomic_write(path, lambda f: np.savez(f, **arrays), overwrite=True)
+        write_unit_arrays(path, path.stem, arrays)

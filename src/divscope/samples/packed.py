@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from divscope.bounded import ArrayFileError, open_npz
 from divscope.samples.errors import SampleFileError
 from divscope.samples.records import (
     _LOGPROB_TOLERANCE,
@@ -96,7 +97,7 @@ def write_samples_packed(samples: SampleSet, path: str | Path, *, overwrite: boo
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
-    from divscope.runmeta import atomic_write
+    from divscope.runmeta import atomic_write, json_text
 
     strings = samples.vocab.strings
     used = sorted(strings)  # vocab ids -> a dense local table; its last entry stays -1
@@ -147,7 +148,7 @@ def write_samples_packed(samples: SampleSet, path: str | Path, *, overwrite: boo
         "blocks": list(blocks),
         "records": records,
     }
-    arrays = {"meta": np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8)}
+    arrays = {"meta": np.frombuffer(json_text(meta).encode(), np.uint8)}
     for i, block in enumerate(blocks.values()):
         arrays.update(block.arrays(f"b{i}", local))
     return atomic_write(Path(path), lambda f: np.savez(f, **arrays), overwrite=overwrite)
@@ -238,7 +239,9 @@ def read_samples_packed(path: str | Path, vocab: TokenVocab | None = None) -> Sa
     path = Path(path)
     vocab = vocab if vocab is not None else TokenVocab()
     try:
-        z = np.load(path, allow_pickle=False)
+        z = open_npz(path)
+    except ArrayFileError as e:
+        raise SampleFileError(path, e.problem, _FIX) from e
     except Exception as e:  # noqa: BLE001 - a corrupt file fails in many ways; all mean "corrupt"
         raise SampleFileError(path, f"not a readable .npz ({e!r})", _FIX) from e
     if not hasattr(z, "files"):
@@ -268,6 +271,8 @@ def _typed(v: Any, types: tuple[type, ...], what: str, path: Path, i: int, j: in
 def _span(v: Any, what: str, path: Path, i: int, j: int) -> tuple[int, int]:
     if not (isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)):
         raise _meta_error(path, f"{what} must be [start, length]", i, j)
+    if not all(0 <= x < 2**62 for x in v):
+        raise _meta_error(path, f"{what} {v} is out of range", i, j)
     return v[0], v[1]
 
 
@@ -278,7 +283,8 @@ def _records_meta(path: Path, meta: dict[str, Any], n_blocks: int) -> list[dict[
         raise SampleFileError(path, "the file holds no records", "re-create it with the sampler")
     for i, rec in enumerate(records):
         _typed(rec, (dict,), "the record", path, i)
-        _typed(rec.get("index"), (int,), "index", path, i)
+        if not 0 <= _typed(rec.get("index"), (int,), "index", path, i) < 2**31:
+            raise _meta_error(path, "index is out of range [0, 2**31)", i)
         _typed(rec.get("prompt"), (str,), "prompt", path, i)
         _typed(rec.get("model"), (str,), "model", path, i)
         _typed(rec.get("category"), (str, type(None)), "category", path, i)

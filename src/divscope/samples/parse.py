@@ -298,8 +298,10 @@ def parse_record(raw: Any, i: int, path: Path, vocab: TokenVocab) -> PromptSampl
     for j, r in enumerate(responses_raw):
         responses.append(_parse_response(r, Ctx(path, i, j), vocab))
     index = raw.get("index", i)
-    if type(index) is not int:
-        raise ctx.error("index must be an integer", FIX_SHAPE)
+    if type(index) is not int or not 0 <= index < 2**31:
+        raise ctx.error(
+            f"index must be an integer in [0, 2**31), not {shorten(repr(index))}", FIX_SHAPE
+        )
     return PromptSamples(index, prompt, model, responses, category)
 
 

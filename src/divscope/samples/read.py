@@ -26,6 +26,15 @@ def _json_constant(name: str) -> float:
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
 
 
+MAX_INT_DIGITS = 40  # longer integers are corrupt data (Python refuses over 4300 with a traceback)
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer with {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
 def _sniff(path: Path, head: bytes) -> str:
     suffix = path.suffix.lower()
     if suffix in (".pkl", ".pickle"):
@@ -69,8 +78,8 @@ def _read_raw_records(path: Path) -> tuple[Iterable[Any], str]:
     except UnicodeDecodeError as e:
         raise SampleFileError(path, f"not UTF-8 text ({e})", "re-create the file") from e
     try:
-        obj = json.loads(text, parse_constant=_json_constant)
-    except (json.JSONDecodeError, RecursionError) as e:
+        obj = json.loads(text, parse_constant=_json_constant, parse_int=_json_int)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise SampleFileError(
             path, f"truncated or corrupt JSON ({e})", "re-copy or re-create the file"
         ) from e
@@ -95,8 +104,8 @@ def _jsonl_records(path: Path) -> Iterator[Any]:
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line, parse_constant=_json_constant)
-            except (json.JSONDecodeError, RecursionError) as e:
+                raw = json.loads(line, parse_constant=_json_constant, parse_int=_json_int)
+            except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
                 raise SampleFileError(
                     path,
                     f"line {lineno} (record {n}) is truncated or corrupt JSON ({e})",

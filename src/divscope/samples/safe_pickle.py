@@ -12,15 +12,17 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from divscope.bounded import TooLarge, nested_size, node_budget
 from divscope.samples.errors import SampleFileError
 
 _FIX = (
     "only pickles of plain dict/list/tuple/str/bytes/int/float/bool/None are read; "
     "convert the file to divscope JSONL in a trusted environment (divscope convert)"
 )
-# Protocol <= 2 pickles encode `bytes` as a call to _codecs.encode(str, "latin1"); that
-# function only encodes a string, so it is the one callable admitted.
-_ALLOWED_GLOBALS = {("_codecs", "encode")}
+# Protocol <= 2 pickles encode `bytes` as a call to _codecs.encode(str, "latin1"). That call is
+# the one admitted, and only in that form: other codecs ("hex", "base64") grow their input, and a
+# chain of them in a few hundred bytes would fill memory.
+_LATIN1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1"}
 _PLAIN = (dict, list, tuple, str, bytes, int, float, bool, type(None))
 
 
@@ -30,30 +32,40 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return self._latin1_encode
         raise SampleFileError(
             self._path,
             f"the pickle asks for the global {module}.{name}; refused, nothing in the file was run",
             _FIX,
         )
 
+    def _latin1_encode(self, text: Any, encoding: Any = "utf-8", *_: Any) -> bytes:
+        if type(text) is not str or not isinstance(encoding, str) or encoding not in _LATIN1:
+            raise SampleFileError(
+                self._path,
+                f"the pickle calls _codecs.encode with {type(text).__name__} and "
+                f"{str(encoding)[:20]!r}; only (str, 'latin1') is admitted (the form protocol "
+                "0-2 pickles use for bytes); refused",
+                _FIX,
+            )
+        return text.encode("latin1")
+
     def persistent_load(self, pid: Any) -> Any:
         raise SampleFileError(self._path, "the pickle uses persistent ids; refused", _FIX)
 
 
-def _check_plain(obj: Any, path: Path, depth: int = 0) -> None:
-    if depth > 64:
-        raise SampleFileError(path, "the pickle is nested more than 64 levels deep", _FIX)
-    if not isinstance(obj, _PLAIN):
-        raise SampleFileError(path, f"the pickle holds a {type(obj).__name__}", _FIX)
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_plain(k, path, depth + 1)
-            _check_plain(v, path, depth + 1)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            _check_plain(v, path, depth + 1)
+def _check_plain(obj: Any, path: Path, n_bytes: int) -> None:
+    """Refuse anything but plain builtins, deep nesting, or more objects than the size allows."""
+
+    def admit(x: Any) -> None:
+        if not isinstance(x, _PLAIN):
+            raise SampleFileError(path, f"the pickle holds a {type(x).__name__}", _FIX)
+
+    try:
+        nested_size(obj, max_nodes=node_budget(n_bytes), admit=admit)
+    except TooLarge as e:
+        raise SampleFileError(path, f"the pickle {e.problem}", _FIX) from e
 
 
 def safe_load_pickle(path: str | Path) -> Any:
@@ -82,5 +94,5 @@ def safe_load_pickle(path: str | Path) -> Any:
             f"the pickle is truncated or corrupt ({type(e).__name__}: {e})",
             "re-copy or re-create the file; " + _FIX,
         ) from e
-    _check_plain(obj, path)
+    _check_plain(obj, path, len(data))
     return obj

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from divscope.runmeta import atomic_write_text
+from divscope.runmeta import atomic_write_text, json_text
 from divscope.samples.records import FORMAT, PromptSamples, SampleSet, TokenScores, TokenVocab
 
 
@@ -67,7 +66,7 @@ def write_samples_jsonl(samples: SampleSet, path: str | Path, *, overwrite: bool
     """
     lines = [
         # -inf (probability 0) is written as -Infinity, which load_samples reads back.
-        json.dumps(record_to_json(r, samples.vocab), ensure_ascii=False)
+        json_text(record_to_json(r, samples.vocab))
         for r in samples.records
     ]
     return atomic_write_text(Path(path), "\n".join(lines) + "\n", overwrite=overwrite)

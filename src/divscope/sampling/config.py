@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from divscope.bounded import UnreadableFile, read_yaml
 
 OPENROUTER = "https://openrouter.ai/api/v1"
 
@@ -165,8 +165,12 @@ def _model(raw: Any, i: int, path: object) -> ModelSpec:
     spec = ModelSpec(**{"name": raw["model"], **raw})
     if "api_key_env" not in raw and spec.base_url.rstrip("/") != OPENROUTER:
         spec.api_key_env = None
-    if spec.eos_token_id is not None and type(spec.eos_token_id) is not int:
-        raise ConfigError(path, f"models[{i}].eos_token_id", "must be an integer", "fix it")
+    for name, f in fields.items():
+        v = getattr(spec, name)
+        if not _has_type(v, str(f.type)):
+            raise ConfigError(
+                path, f"models[{i}].{name}", f"{v!r} is not of type {f.type}", "fix the value"
+            )
     for key in ("name", "base_url"):
         if not isinstance(getattr(spec, key), str) or not getattr(spec, key):
             raise ConfigError(
@@ -254,9 +258,11 @@ def load_config(path: str | Path) -> SampleConfig:
     """Read and validate a YAML sampling configuration."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(path, "<file>", "no such file", "check the path") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(path, "<file>", f"not valid YAML ({e})", "fix the syntax") from e
-    return parse_config(raw, path)
+        raw = read_yaml(path)
+    except UnreadableFile as e:
+        raise ConfigError(path, "<file>", e.problem, e.fix) from e
+    config = parse_config(raw, path)
+    base = Path(config.output.base_dir)
+    if base.exists() and not base.is_dir():
+        raise ConfigError(path, "output.base_dir", f"{base} is a file", "give a folder")
+    return config

@@ -21,6 +21,23 @@ class PromptItem:
     category: str | None = None
 
 
+def _prompts_text(path: Path, config_path: str | Path) -> str:
+    """The prompts file as text, or a :class:`ConfigError` saying why it is not one."""
+    try:
+        if path.is_dir():
+            raise ConfigError(config_path, "dataset.path", f"{path} is a directory", _PROMPTS_FIX)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        problem = f"{path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        raise ConfigError(config_path, "dataset.path", problem, _PROMPTS_FIX) from e
+    except OSError as e:
+        problem = f"{path} cannot be read ({e.strerror})"
+        raise ConfigError(config_path, "dataset.path", problem, _PROMPTS_FIX) from e
+
+
+_PROMPTS_FIX = 'give a prompts file: .jsonl with one {"prompt": ...} per line, or .txt'
+
+
 def load_prompts(ds: DatasetSpec, config_path: str | Path = "<config>") -> list[PromptItem]:
     """Read the prompt dataset (local .jsonl/.txt, or a Hugging Face dataset)."""
     if ds.source == "huggingface":
@@ -48,21 +65,22 @@ def load_prompts(ds: DatasetSpec, config_path: str | Path = "<config>") -> list[
             f"{ds.path} does not exist",
             "give a prompts file relative to the working directory",
         )
+    text = _prompts_text(path, config_path)
     items = []
     if path.suffix == ".txt":
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        lines = [ln.strip() for ln in text.splitlines()]
         items = [PromptItem(i, ln) for i, ln in enumerate(x for x in lines if x)]
         if not items:
             raise ConfigError(
                 config_path, "dataset.path", f"{path} holds no prompts", "one per line"
             )
         return items
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
             raise ConfigError(
                 config_path,
                 "dataset.path",
