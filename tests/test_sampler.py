@@ -20,7 +20,7 @@ from llama_fixture import free_port, llama_server, smollm2_gguf  # noqa: F401
 
 from divscope.estimators.ranking import rank_prompts
 from divscope.samples import load_pair, load_samples
-from divscope.sampling.client import OpenAIClient, RequestStats, retry_after_seconds
+from divscope.sampling.client import APIError, OpenAIClient, RequestStats, retry_after_seconds
 from divscope.sampling.config import ConfigError, RequestSpec, load_config
 from divscope.sampling.cross_score import SEAM_TOLERANCE
 from divscope.sampling.prompts import load_prompts, select_prompts
@@ -559,3 +559,100 @@ def test_empty_prompts_file_is_a_config_error(tmp_path):
     p.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="holds no prompts"):
         Sampler(load_config(p), progress=False).run()
+
+
+class RawServer:
+    """A loopback server that writes raw bytes: ``serve(handler, n)`` for the n-th request."""
+
+    def __init__(self, serve) -> None:
+        count = {"n": 0}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                count["n"] += 1
+                serve(self, count["n"])
+
+            def log_message(self, *args):
+                pass
+
+        self.count = count
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _client(url: str, **spec) -> OpenAIClient:
+    spec = {"backoff_base_s": 0.01, "backoff_max_s": 0.02, **spec}
+    return OpenAIClient(url, None, RequestSpec(**spec), RequestStats())
+
+
+def _headers(h, status: int, length: int, extra: dict | None = None) -> None:
+    h.send_response(status)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Length", str(length))
+    for k, v in (extra or {}).items():
+        h.send_header(k, v)
+    h.end_headers()
+
+
+def test_trickling_server_is_cut_at_the_whole_request_deadline():
+    """One byte every 0.3 s: each read is quick, the request is not. timeout_s = 1 must hold
+    each attempt to about 1 s (before: only each read was bounded, so it ran to the end)."""
+    body = json.dumps(good_body()).encode()
+
+    def serve(h, n):
+        _headers(h, 200, len(body))
+        try:
+            for b in body:
+                h.wfile.write(bytes([b]))
+                h.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass  # the client hung up: what the deadline should do
+
+    server = RawServer(serve)
+    try:
+        t = time.perf_counter()
+        with pytest.raises(APIError, match="within timeout_s = 1.0 s") as e:
+            _client(server.url, timeout_s=1.0, max_attempts=2).post("chat/completions", {})
+        took = time.perf_counter() - t
+    finally:
+        server.close()
+    assert e.value.retryable and server.count["n"] == 2
+    assert 2.0 <= took < 4.0, took  # two attempts of ~1 s, not len(body) x 0.3 s each
+
+
+def test_retry_after_far_in_the_future_fails_the_prompt_at_once():
+    def serve(h, n):
+        _headers(h, 429, 2, {"Retry-After": "86400"})
+        h.wfile.write(b"{}")
+
+    server = RawServer(serve)
+    try:
+        t = time.perf_counter()
+        with pytest.raises(APIError, match="asks to wait 86400 s") as e:
+            _client(server.url, max_attempts=3).post("chat/completions", {})
+    finally:
+        server.close()
+    assert e.value.retryable and server.count["n"] == 1 and time.perf_counter() - t < 5
+
+
+def test_body_shorter_than_its_content_length_is_retried():
+    body = json.dumps(good_body()).encode()
+
+    def serve(h, n):
+        _headers(h, 200, len(body))
+        h.wfile.write(body if n > 1 else body[:20])  # then the connection closes
+        h.close_connection = True
+
+    server = RawServer(serve)
+    try:
+        got = _client(server.url, max_attempts=3).post("chat/completions", {})
+    finally:
+        server.close()
+    assert got == good_body() and server.count["n"] == 2

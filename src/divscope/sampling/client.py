@@ -1,10 +1,13 @@
-"""A small OpenAI-compatible HTTP client: retries, backoff with jitter, Retry-After, counters."""
+"""A small OpenAI-compatible HTTP client: retries, backoff with jitter, Retry-After, a
+whole-request deadline, counters."""
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -12,8 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
 
 from divscope.sampling.config import RequestSpec
+
+MAX_RETRY_AFTER_S = 120.0  # or backoff_max_s if larger: longer asks end the prompt's attempt
+# Worth another attempt: no connection, a timeout, a body cut short or garbled on the way.
+_RETRYABLE = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
 
 
 class APIError(RuntimeError):
@@ -89,6 +104,87 @@ def scrub_json(obj: Any, key: str | None) -> Any:
     return obj
 
 
+_ACTIVE = threading.local()  # the connections the current thread's request is using
+
+
+class _Tracked:
+    """Mixin for urllib3 connections: registers itself with the thread's request watchdog."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        active = getattr(_ACTIVE, "conns", None)
+        if active is not None:
+            active.append(self)  # its socket while connecting and sending
+        result = super().request(*args, **kwargs)  # type: ignore[misc]
+        if active is not None and self.sock is not None:  # type: ignore[attr-defined]
+            active.append(self.sock)  # the response reads it after the connection lets go
+        return result
+
+
+class _TrackedHTTP(_Tracked, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _TrackedHTTPS(_Tracked, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _TrackedHTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _TrackedHTTP
+
+
+class _TrackedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _TrackedHTTPS
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose connections a watchdog can find and shut (see :func:`_with_deadline`)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _TrackedHTTPPool,
+            "https": _TrackedHTTPSPool,
+        }
+
+
+class DeadlineExceeded(Exception):
+    """The whole request (connect, headers, body) took longer than its deadline."""
+
+
+def _with_deadline(seconds: float, call: Callable[[], Any]) -> Any:
+    """``call()``, its connections shut if it runs past ``seconds`` (then DeadlineExceeded).
+
+    A socket timeout bounds each read, not the request: a server trickling one byte a second
+    never trips it. The watchdog shuts the request's sockets, which ends any blocked read.
+    """
+    conns: list[Any] = []
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        for c in conns:
+            sock = c if isinstance(c, socket.socket) else getattr(c, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, expire)
+    _ACTIVE.conns = conns
+    timer.start()
+    try:
+        result = call()
+    except Exception:
+        if expired.is_set():
+            raise DeadlineExceeded from None
+        raise
+    finally:
+        timer.cancel()
+        _ACTIVE.conns = None
+    if expired.is_set():
+        raise DeadlineExceeded
+    return result
+
+
 class OpenAIClient:
     """POSTs to an OpenAI-compatible server with retries on 429, 5xx, timeouts and
     connection errors: exponential backoff with jitter, or the server's ``Retry-After``.
@@ -122,6 +218,8 @@ class OpenAIClient:
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
+            for prefix in ("http://", "https://"):
+                s.mount(prefix, _DeadlineAdapter())
         return s
 
     def _scrub(self, text: str) -> str:
@@ -138,10 +236,15 @@ class OpenAIClient:
             counts[k] = v if type(v) is int and 0 <= v < 10**9 else 0
         self.stats.add(**counts)
 
+    @property
+    def max_retry_after(self) -> float:
+        """The longest ``Retry-After`` waited for; a longer one fails the prompt (resumable)."""
+        return max(MAX_RETRY_AFTER_S, self.spec.backoff_max_s)
+
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before retry number ``attempt + 1``."""
         if retry_after is not None:
-            return min(retry_after, 600.0)
+            return min(retry_after, self.max_retry_after)
         cap = min(self.spec.backoff_max_s, self.spec.backoff_base_s * 2**attempt)
         return cap * (0.5 + 0.5 * self._rng.random())  # jitter in [cap/2, cap]
 
@@ -160,10 +263,15 @@ class OpenAIClient:
             self.stats.add(requests=1)
             retry_after = None
             try:
-                r = self._session.post(
-                    url, json=payload, headers=headers, timeout=self.spec.timeout_s
+                r = _with_deadline(
+                    self.spec.timeout_s,
+                    lambda: self._session.post(
+                        url, json=payload, headers=headers, timeout=self.spec.timeout_s
+                    ),
                 )
-            except (requests.ConnectionError, requests.Timeout) as e:
+            except DeadlineExceeded:
+                last = f"no complete answer within timeout_s = {self.spec.timeout_s} s"
+            except _RETRYABLE as e:  # a body cut short of its Content-Length too
                 last = f"{type(e).__name__}: {e}"
             except (requests.RequestException, ValueError) as e:  # e.g. an invalid header
                 self.stats.add(failures=1)
@@ -180,6 +288,17 @@ class OpenAIClient:
                 elif r.status_code == 429 or r.status_code >= 500:
                     last = f"HTTP {r.status_code}: {self._scrub(r.text)[:200]}"
                     retry_after = retry_after_seconds(r.headers.get("Retry-After"))
+                    if retry_after is not None and retry_after > self.max_retry_after:
+                        self.stats.add(failures=1)
+                        raise APIError(
+                            self._scrub(
+                                f"{url}: HTTP {r.status_code} asks to wait {retry_after:.0f} s "
+                                f"(Retry-After), over the {self.max_retry_after:.0f} s limit; "
+                                "re-run later to resume"
+                            ),
+                            status=r.status_code,
+                            retryable=True,
+                        )
                 else:
                     self.stats.add(failures=1)
                     raise APIError(

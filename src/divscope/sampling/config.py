@@ -67,7 +67,7 @@ class RequestSpec:
     max_attempts: int = 6
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # the whole request: connect, headers and body
 
 
 @dataclass
