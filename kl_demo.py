@@ -26,7 +26,7 @@ MODEL2_FILE = "data/samples/smollm2_vs_gemma3/gemma-3-270m.jsonl"  # model B, sa
 MAX_PROMPTS = None  # score only the first K prompts (None = all)
 TOP_N_DISPLAY = 10  # rows of the ranked table to show
 METRIC = None  # rank by this metric (None = best available; see README for the list)
-N_BOOTSTRAP = 1000  # bootstrap resamples over responses for the confidence intervals
+N_BOOTSTRAP = 1000  # bootstrap resamples: legacy_aligned CIs and category means
 SEED = 0  # bootstrap seed
 OUTPUT_DIR = "eval_results"  # results: OUTPUT_DIR/<run>/ranking.json + metadata.json
 FIGURES_DIR = "figures"  # figures: FIGURES_DIR/<run>/*.png

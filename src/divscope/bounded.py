@@ -231,8 +231,10 @@ def read_unit_arrays(
     """
     with open_npz(path) as z:
         names = set(z.files) - {_CHECKSUM}
-        if names != set(spec) or _CHECKSUM not in z.files:
-            raise ArrayFileError(path, f"holds {sorted(z.files)}, expected {sorted(spec)}")
+        if names != set(spec):
+            raise ArrayFileError(path, f"holds {sorted(names)}, expected {sorted(spec)}")
+        if _CHECKSUM not in z.files:
+            raise ArrayFileError(path, "has no checksum (written by an older divscope)")
         arrays = {name: z[name] for name in spec}
         stored = z[_CHECKSUM]
     for name, (kinds, shape) in spec.items():

@@ -39,8 +39,7 @@ def format_ranking(r: Ranking, top: int | None = None) -> str:
     m = r.metric
     lines = [
         f"models: A = {printable(r.models[0])}   B = {printable(r.models[1])}",
-        f"metric: {m} ({r.units.get(m, '')}); {int(r.ci_level * 100)}% bootstrap CI over "
-        f"responses, {r.n_bootstrap} resamples",
+        f"metric: {m} ({r.units.get(m, '')}); {int(r.ci_level * 100)}% CI: {r.ci_method}",
     ]
     lines += [f"note: {printable(n)}" for n in r.notes]
     header = f"{'rank':>4} {'idx':>4} {m:>12} {'ci':>19} {'n_a':>4} {'n_b':>4} {'excl':>5}  prompt"
@@ -348,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-prompts", type=int, default=None, help="score only the first K prompts")
     r.add_argument("--json", default=None, help="also write the full result as JSON here")
     r.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
-    r.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    r.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for legacy_aligned CIs")
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     r.set_defaults(func=_cmd_rank)
 

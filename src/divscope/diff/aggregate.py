@@ -1,4 +1,4 @@
-"""From scored prompts to what a researcher reads: per-prompt scores with bootstrap CIs (the
+"""From scored prompts to what a researcher reads: per-prompt scores with CIs (the
 ``divscope rank --json`` contract), the dataset summary and "what changed".
 
 Per response: means over its positions (normalised once). Per prompt (A's samples scored
@@ -11,7 +11,8 @@ with KL(A||B), B's with KL(B||A)):
   the sampled tokens (the Monte Carlo view of the same samples; same weighting as ``kl_ab``);
   ``mc_kl_ba``, ``mc_kl`` likewise.
 
-CIs are percentile bootstrap intervals, each side's responses resampled independently.
+CIs are t-intervals over responses (:mod:`divscope.estimators.intervals`; the two sides'
+estimates are independent, Welch-Satterthwaite degrees of freedom for their mean).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import numpy as np
 
 from divscope.diff.score import PairScores, SideScores
 from divscope.divergence.attribution import WhatChanged
-from divscope.estimators.ranking import PromptScore, assign_ranks, percentile_cis
+from divscope.estimators.intervals import (
+    Estimate,
+    average,
+    mean_estimate,
+    ratio_estimate,
+    t_interval,
+)
+from divscope.estimators.ranking import PromptScore, assign_ranks
 
 METRICS = ("kl", "kl_ab", "kl_ba", "js", "js_ab", "js_ba", "mc_kl", "mc_kl_ab", "mc_kl_ba")
 UNITS = {m: "nats/token" for m in METRICS}
@@ -36,17 +44,13 @@ def response_rates(side: SideScores, name: str) -> np.ndarray:
     return sums / side.lengths
 
 
+CI_METHOD = "t-interval over responses (Welch-Satterthwaite for the mean of both sides)"
+
+
 def prompt_score(
-    index: int,
-    prompt: str,
-    category: str | None,
-    unit: PairScores,
-    *,
-    n_bootstrap: int,
-    ci_level: float,
-    rng: np.random.Generator,
+    index: int, prompt: str, category: str | None, unit: PairScores, *, ci_level: float
 ) -> PromptScore:
-    """Every metric of one prompt (see the module doc) with bootstrap CIs over responses."""
+    """Every metric of one prompt (see the module doc) with t-intervals over responses."""
     a, b = unit.sides["a"], unit.sides["b"]
     per_side = {
         "_ab": {"kl": response_rates(a, "kl_ab"), "js": response_rates(a, "js")},
@@ -54,27 +58,19 @@ def prompt_score(
     }
     per_side["_ab"]["mc_kl"] = response_rates(a, "mc")
     per_side["_ba"]["mc_kl"] = -response_rates(b, "mc")
-    idx = {
-        "_ab": rng.integers(0, len(a.lengths), (n_bootstrap, len(a.lengths))),
-        "_ba": rng.integers(0, len(b.lengths), (n_bootstrap, len(b.lengths))),
-    }
-    scores: dict[str, float | None] = {}
-    boots: dict[str, np.ndarray] = {}
+    estimates: dict[str, Estimate] = {}
     for base in ("kl", "js", "mc_kl"):
         for suffix, rates in per_side.items():
-            scores[base + suffix] = float(rates[base].mean())
-            boots[base + suffix] = rates[base][idx[suffix]].mean(1)
-        scores[base] = 0.5 * (scores[base + "_ab"] + scores[base + "_ba"])
-        boots[base] = 0.5 * (boots[base + "_ab"] + boots[base + "_ba"])
-    n_min = min(len(a.lengths), len(b.lengths))
+            estimates[base + suffix] = mean_estimate(rates[base])
+        estimates[base] = average(estimates[base + "_ab"], estimates[base + "_ba"])
     return PromptScore(
         index=index,
         prompt=prompt,
         category=category,
         rank=None,
         reason=None,
-        scores={m: scores[m] for m in METRICS},
-        ci={m: v for m, v in percentile_cis(boots, ci_level, n_bootstrap, n_min).items()},
+        scores={m: estimates[m].value for m in METRICS},
+        ci={m: t_interval(estimates[m], ci_level) for m in METRICS},
         coverage={
             "n_tokens": [int(a.lengths.sum()), int(b.lengths.sum())],
             "same_top_rate": [float(a.agree.mean()), float(b.agree.mean())],
@@ -97,12 +93,8 @@ def clustered_mean(values: list[np.ndarray]) -> tuple[float, float | None]:
     """
     s = np.array([v.astype(np.float64).sum() for v in values])
     n = np.array([len(v) for v in values], dtype=np.float64)
-    m = s.sum() / n.sum()
-    k = len(values)
-    if k < 2:
-        return float(m), None
-    var = k / (k - 1) * ((s - m * n) ** 2).sum() / n.sum() ** 2
-    return float(m), float(np.sqrt(var))
+    e = ratio_estimate(s, n)
+    return e.value, None if e.var is None else float(np.sqrt(e.var))
 
 
 def side_summary(units: list[PairScores], side: str) -> dict[str, Any]:

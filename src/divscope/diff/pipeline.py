@@ -20,6 +20,7 @@ import numpy as np
 
 from divscope.bounded import ArrayFileError, read_unit_arrays, write_unit_arrays
 from divscope.diff.aggregate import (
+    CI_METHOD,
     METRICS,
     SUMMARY_NOTES,
     UNITS,
@@ -256,15 +257,10 @@ def read_unit(path: Path) -> PairScores | None:
     return PairScores(sides, z["changed"].astype(np.float64), int(z["n_positions"]))
 
 
-def build_ranking(
-    setup: DiffSetup, units: dict[int, PairScores], *, metric: str, n_bootstrap: int, seed: int
-) -> Ranking:
+def build_ranking(setup: DiffSetup, units: dict[int, PairScores], *, metric: str) -> Ranking:
     """Per-prompt scores with CIs, ranked by ``metric`` (the ``divscope rank --json`` contract)."""
-    rng = np.random.default_rng(seed)
     prompts = [
-        prompt_score(
-            p.index, p.prompt, p.category, units[i], n_bootstrap=n_bootstrap, ci_level=0.95, rng=rng
-        )
+        prompt_score(p.index, p.prompt, p.category, units[i], ci_level=0.95)
         for i, p in enumerate(setup.prompts)
     ]
     rank(prompts, metric)
@@ -276,7 +272,7 @@ def build_ranking(
         "(the Monte Carlo view of kl; same weighting)",
     ]
     return Ranking(metric, [a, b], ["samples_a.jsonl", "samples_b.jsonl"], dict(UNITS),
-                   list(METRICS), notes, prompts, n_bootstrap, 0.95)  # fmt: skip
+                   list(METRICS), notes, prompts, 0, 0.95, CI_METHOD)  # fmt: skip
 
 
 def run_diff(
@@ -323,7 +319,7 @@ def run_diff(
     t2 = time.perf_counter()
     units, n_cached = score_units(setup, responses, top_k=top_k, progress=progress)
     timings["teacher_force"] = time.perf_counter() - t2
-    ranking = build_ranking(setup, units, metric=metric, n_bootstrap=n_bootstrap, seed=seed)
+    ranking = build_ranking(setup, units, metric=metric)
     ordered = [units[i] for i in range(len(prompts))]
     summary = {
         "notes": SUMMARY_NOTES,

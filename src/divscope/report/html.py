@@ -229,6 +229,7 @@ def _read_ranking(run: Path) -> tuple[Any, dict[str, Any]]:
         prompts,
         doc.get("bootstrap", {}).get("n", 0),
         doc.get("bootstrap", {}).get("ci_level", 0.95),
+        str(doc.get("ci_method", "percentile bootstrap over responses")),  # older files: that
     )
     return r, meta
 
