@@ -57,11 +57,10 @@ from divscope.diff.pipeline import read_prompts, run_diff
 from divscope.estimators.contributions import token_contributions
 from divscope.estimators.ranking import category_summary, rank_prompts
 from divscope.report import plots
+from divscope.report.tables import Table, fmt, fmt_ci, frame_table, ranking_table
 from divscope.runmeta import atomic_write_json, new_run_dir, run_metadata
 from divscope.samples import load_pair
 
-pd.set_option("display.max_colwidth", 70)
-pd.set_option("display.width", 160)
 t_start = time.perf_counter()
 
 
@@ -102,22 +101,19 @@ fig_dir.mkdir(parents=True, exist_ok=True)
 t_loaded = time.perf_counter()
 
 # %% Data summary: prompts, responses per prompt, models, coverage
-summary = pd.DataFrame(
-    [
-        {
-            "model": s.model,
-            "file": s.path.name,
-            "format": s.source_format,
-            "prompts": len(s.records),
-            "responses/prompt": np.mean([len(r.responses) for r in s.records]),
-            "excluded (no logprobs)": s.n_excluded,
-            "tokens/response": np.mean([len(x.scores) for r in s.records for x in r.usable]),
-            "top-k": max(x.scores.top_ids.shape[1] for r in s.records for x in r.usable),
-            "cross-scored by other": s.has_cross_scores((b if s is a else a).model),
-        }
-        for s in (a, b)
-    ],
-    index=["A", "B"],
+fields = {
+    "model": lambda s: s.model,
+    "file": lambda s: s.path.name,
+    "format": lambda s: s.source_format,
+    "prompts": lambda s: len(s.records),
+    "responses/prompt": lambda s: np.mean([len(r.responses) for r in s.records]),
+    "excluded (no logprobs)": lambda s: s.n_excluded,
+    "tokens/response": lambda s: np.mean([len(x.scores) for r in s.records for x in r.usable]),
+    "top-k": lambda s: max(x.scores.top_ids.shape[1] for r in s.records for x in r.usable),
+    "cross-scored by other": lambda s: s.has_cross_scores((b if s is a else a).model),
+}
+summary = Table(
+    ({"": k, "A": f(a), "B": f(b)} for k, f in fields.items()), flex=("A", "B"), min_flex=30
 )
 display(summary)
 
@@ -127,17 +123,21 @@ print(f"PROMPT [{example.index}]: {example.prompt}\n")
 r0 = example.usable[0]
 print(f"{a.model} (response 0, {len(r0.scores)} tokens, finish: {r0.finish_reason}):")
 print(r0.text[:800] + ("…" if len(r0.text) > 800 else ""))
-first = pd.DataFrame(
+first = Table(
     {
-        "token": r0.scores.tokens[:8],
-        "logprob": r0.scores.logprobs[:8],
-        "top-3": [
-            ", ".join(
-                f"{a.vocab.strings[j]!r}:{v:.2f}" for j, v in zip(ids[:3], lps[:3], strict=True)
-            )
-            for ids, lps in zip(r0.scores.top_ids[:8], r0.scores.top_logprobs[:8], strict=True)
-        ],
+        "token": repr(tok),
+        "logprob": lp,
+        "top-3 (logprob)": ", ".join(
+            f"{a.vocab.strings[j]!r}:{fmt(v)}" for j, v in zip(ids[:3], lps[:3], strict=True)
+        ),
     }
+    for tok, lp, ids, lps in zip(
+        r0.scores.tokens[:8],
+        r0.scores.logprobs[:8],
+        r0.scores.top_ids[:8],
+        r0.scores.top_logprobs[:8],
+        strict=True,
+    )
 )
 display(first)
 
@@ -152,13 +152,13 @@ t_ranked = time.perf_counter()
 print(f"ranked by {ranking.metric} [{ranking.units[ranking.metric]}]")
 for note in ranking.notes:
     print("note:", note)
-table = ranking.to_frame()
-display(table.head(TOP_N_DISPLAY))
+display(ranking_table(ranking, TOP_N_DISPLAY))
 
 # %% The most different prompt, in full, with a token-level view
 top = min((p for p in ranking.prompts if p.rank is not None), key=lambda p: p.rank)
 ra, rb = a.record(top.index), b.record(top.index)
-print(f"#1 by {ranking.metric} = {top.scores[ranking.metric]:.4f}  CI {top.ci[ranking.metric]}")
+m, level = ranking.metric, round(ranking.ci_level * 100)
+print(f"#1 by {m} = {fmt(top.scores[m])} {ranking.units[m]}, {level}% CI {fmt_ci(top.ci[m])}")
 print(f"PROMPT [{top.index}]: {top.prompt}\n")
 for name, rec in (("A: " + a.model, ra), ("B: " + b.model, rb)):
     print(f"--- {name}, response 0 of {len(rec.usable)} ---")
@@ -186,8 +186,8 @@ if diff is not None and diff.units:
     keys += ["same_top_rate_se", "rms_dp", "ln_ppl_ratio_b_over_a", "js_mean", "js_se"]
     table = pd.DataFrame({k: {c: v[c] for c in keys} for k, v in rows.items()})
     pct = pd.DataFrame({k: v["kl_percentiles"] for k, v in rows.items()})
-    display(table)
-    display(pct.rename(index=lambda p: f"KL percentile {p}"))
+    display(frame_table(table, index="measure"))
+    display(frame_table(pct.rename(index=lambda p: f"KL percentile {p}"), index="percentile"))
     for note in diff.summary["notes"]:
         print("note:", note)
 else:
@@ -197,13 +197,14 @@ else:
 if diff is not None and diff.units:
     ch = diff.changed["overall"]
     display(
-        pd.DataFrame(
+        Table(
             {
-                "raised in B": [t["token"] for t in ch["boosted_in_b"][:12]],
-                "mean Δp": [t["delta_prob"] for t in ch["boosted_in_b"][:12]],
-                "lowered in B": [t["token"] for t in ch["suppressed_in_b"][:12]],
-                "mean Δp ": [t["delta_prob"] for t in ch["suppressed_in_b"][:12]],
+                "raised in B": repr(up["token"]),
+                "mean Δp": up["delta_prob"],
+                "lowered in B": repr(down["token"]),
+                "mean Δp ": down["delta_prob"],
             }
+            for up, down in zip(ch["boosted_in_b"][:12], ch["suppressed_in_b"][:12], strict=False)
         )
     )
     for cat, c in diff.changed["by_category"].items():
@@ -213,18 +214,20 @@ if diff is not None and diff.units:
 
 # %% Summary statistics
 m = ranking.metric
-vals = pd.Series([p.scores[m] for p in ranking.prompts if p.scores.get(m) is not None])
-stats = vals.describe().to_frame(m).T
+vals = np.array([p.scores[m] for p in ranking.prompts if p.scores.get(m) is not None])
+stats = {"metric": m, "prompts": len(vals), "mean": vals.mean(), "std": vals.std(ddof=1)}
+qs = ("min", "25%", "median", "75%", "max")
+stats |= dict(zip(qs, np.percentile(vals, [0, 25, 50, 75, 100]), strict=True))
 stats["unscored"] = sum(p.rank is None for p in ranking.prompts)
 if diff is None:
-    stats["mean matched-token share"] = np.mean(
+    stats["matched-token share"] = np.mean(
         [p.coverage.get("matched_token_share", np.nan) for p in ranking.prompts]
     )
-display(stats)
+display(Table([stats]))
 
 # %% Per-category means (bootstrap CI over the category's prompts)
 if any(p.category for p in ranking.prompts):
-    display(pd.DataFrame(category_summary(ranking, n_bootstrap=N_BOOTSTRAP, seed=SEED)))
+    display(Table(category_summary(ranking, n_bootstrap=N_BOOTSTRAP, seed=SEED)))
 else:
     print("no prompt categories in these files")
 

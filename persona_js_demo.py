@@ -41,12 +41,11 @@ from scipy.stats import spearmanr
 
 from divscope.models.load import load_model
 from divscope.personas.data import load_personas, load_questions
+from divscope.personas.matrices import CHECK_DESCRIPTIONS
 from divscope.personas.pipeline import run_personas, write_outputs
 from divscope.report import persona_plots
+from divscope.report.tables import Table, checks_table, fmt
 from divscope.runmeta import new_run_dir
-
-pd.set_option("display.max_colwidth", 90)
-pd.set_option("display.width", 160)
 
 
 def show(fig: plt.Figure, name: str) -> None:
@@ -63,8 +62,8 @@ def show(fig: plt.Figure, name: str) -> None:
 # %% The personas and questions
 personas = load_personas(PERSONAS_FILE, N_PERSONAS)
 questions = load_questions(QUESTIONS_FILE, N_QUESTIONS)
-display(pd.DataFrame([{"persona": p.name, "system prompt": p.prompt} for p in personas]))
-display(pd.DataFrame([{"id": q.id, "category": q.category, "question": q.text} for q in questions]))
+display(Table({"persona": p.name, "system prompt": p.prompt} for p in personas))
+display(Table({"id": q.id, "category": q.category, "question": q.text} for q in questions))
 
 # %% Generate, teacher-force every answer under every persona, aggregate (cached by content)
 loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
@@ -87,7 +86,7 @@ meta = result.metadata
 print(
     f"model {MODEL}: {meta['units']} answers teacher-forced under {len(personas) + 1} "
     f"personas (incl. a twin for the noise floor), {meta['tokens_scored']} positions scored, "
-    f"{meta['units_from_cache']} from cache; {meta['timings_s']['total']:.1f} s"
+    f"{meta['units_from_cache']} from cache; {fmt(meta['timings_s']['total'])} s"
 )
 for w in meta["warnings"]:
     print("warning:", w)
@@ -140,21 +139,20 @@ for layer in result.cosine["layers"]:
 iu = np.triu_indices(len(names), 1)
 pairs = pd.DataFrame(
     {
-        "a": [names[i] for i in iu[0]],
-        "b": [names[j] for j in iu[1]],
+        "pair": [f"{names[i]} / {names[j]}" for i, j in zip(*iu, strict=True)],
         "js": m["js"][iu],
         "kl_sym": m["kl_sym"][iu],
-        "kl_asym (a's answers)": m["kl_asym"][iu],
+        "kl_asym": m["kl_asym"][iu],
         **{
-            f"cos_c L{layer}": np.asarray(result.cosine["centred"][str(layer)])[iu]
+            f"cos L{layer}": np.asarray(result.cosine["centred"][str(layer)])[iu]
             for layer in result.cosine["layers"]
         },
     }
 ).sort_values("js")
-print("closest pairs:")
-display(pairs.head(5))
-print("farthest pairs:")
-display(pairs.tail(5).iloc[::-1])
+units = "JS, KL in nats; kl_asym = KL on a's answers - KL on b's; cos: centred cosine"
+display(Table(pairs.head(5).to_dict("records"), title="closest pairs:", flex=()))
+far = pairs.tail(5).iloc[::-1].to_dict("records")
+display(Table(far, title="farthest pairs:", flex=(), footer=[units]))
 
 # %% JS vs cosine, per layer (Spearman rho over persona pairs)
 for layer in result.cosine["layers"]:
@@ -166,7 +164,7 @@ rhos = {
     layer: spearmanr(np.asarray(result.cosine["centred"][str(layer)])[iu], m["js"][iu]).statistic
     for layer in result.cosine["layers"]
 }
-print("Spearman rho (JS vs centred cosine):", {k: round(float(v), 3) for k, v in rhos.items()})
+print("Spearman rho (JS vs centred cosine):", ", ".join(f"L{k} {fmt(v)}" for k, v in rhos.items()))
 
 # %% Statistics: discrimination gate, redundancy with cosine (Mantel), per-question spread
 from divscope.stats import analysis as stats
@@ -181,31 +179,32 @@ analysis = stats.analyze(
 )
 d = analysis["discrimination"]
 print(
-    f"JS over {d['n_pairs']} pairs: mean {d['mean']:.4f}, std {d['std']:.4f}, ratio "
-    f"{d['ratio']:.2f}; gate (std > {d['thresholds']['std']}, ratio > "
+    f"JS over {d['n_pairs']} pairs: mean {fmt(d['mean'])}, std {fmt(d['std'])}, ratio "
+    f"{fmt(d['ratio'])}; gate (std > {d['thresholds']['std']}, ratio > "
     f"{d['thresholds']['ratio']}): {'pass' if d['pass'] else 'FAIL'}"
 )
 display(
-    pd.DataFrame(analysis["redundancy"]).T[["spearman_rho", "pearson_r", "mantel_p", "redundant"]]
+    Table(
+        {"JS vs": k, **{x: v[x] for x in ("spearman_rho", "pearson_r", "mantel_p", "redundant")}}
+        for k, v in analysis["redundancy"].items()
+    )
 )
 pq = analysis["per_question"]
 display(
-    pd.DataFrame(
-        [
-            {
-                "question": k,
-                "text": next(q.text for q in questions if q.id == k),
-                **{x: v[x] for x in ("js_mean", "js_std", "cv")},
-            }
-            for k, v in pq["questions"].items()
-        ]
+    Table(
+        {
+            "question": k,
+            **{x: v[x] for x in ("js_mean", "js_std", "cv")},
+            "text": next(q.text for q in questions if q.id == k),
+        }
+        for k, v in pq["questions"].items()
     )
 )
 
 # %% Leakage (only with LEAKAGE_FILE): JS vs cosine as predictors, KL asymmetry
 if LEAKAGE_FILE:
     lk = analysis["leakage"]
-    print(f"JS vs leakage over {lk['n_pairs']} directed pairs: rho {lk['js_spearman_rho']:.3f}")
+    print(f"JS vs leakage over {lk['n_pairs']} directed pairs: rho {fmt(lk['js_spearman_rho'])}")
     for key in lk["cosine"]:
         vals = [
             next(c for c in cosines if c.key == key).value(p["source"], p["target"])
@@ -220,10 +219,7 @@ else:
     )
 
 # %% Consistency checks (a failed check raises before this cell)
-for name, check in result.checks.items():
-    if isinstance(check, dict):
-        values = ", ".join(f"{k}={v}" for k, v in check.items() if k != "ok")
-        print(f"{'ok  ' if check['ok'] else 'FAIL'} {name}: {values}")
+display(checks_table(result.checks, CHECK_DESCRIPTIONS))
 print(f"all checks ok: {result.checks['all_ok']}; results in {run_dir}, figures in {fig_dir}")
 
 # %% What changed for the farthest pairs, then a self-contained HTML report of the run

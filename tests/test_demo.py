@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +67,10 @@ def _check_outputs(work: Path) -> None:
 
 
 def test_demo_script_runs_end_to_end(tmp_path):
+    """Piped output (no terminal): the ranked table shows the top prompt's text, its score and
+    its CI on one line, in the one number format, within 100 columns."""
+    from divscope.report.tables import fmt, fmt_ci
+
     work = _workdir(tmp_path)
     t0 = time.perf_counter()
     proc = _run_script(work, "kl_demo.py", 300)
@@ -73,6 +79,18 @@ def test_demo_script_runs_end_to_end(tmp_path):
     assert "Traceback" not in proc.stderr
     assert elapsed < 120
     _check_outputs(work)
+    run = next((work / "eval_results").iterdir())
+    top = next(
+        p for p in json.loads((run / "ranking.json").read_text())["prompts"] if p["rank"] == 1
+    )
+    score, ci = fmt(top["scores"]["mc_kl"]), fmt_ci(top["ci"]["mc_kl"])
+    rows = [ln for ln in proc.stdout.splitlines() if ln.split()[:2] == ["1", str(top["index"])]]
+    assert len(rows) == 1 and score in rows[0] and ci in rows[0], proc.stdout
+    assert top["prompt"][:30] in rows[0] and len(rows[0]) <= 100
+    assert f"#1 by mc_kl = {score} nats/byte, 95% CI {ci}" in proc.stdout
+    assert "[rows x" not in proc.stdout  # no elided pandas frame
+    long_floats = re.findall(r"\d\.\d{7,}", proc.stdout)  # one format: 4 significant digits
+    assert not long_floats, long_floats
 
 
 def test_demo_runs_as_a_notebook(tmp_path):
@@ -112,6 +130,18 @@ def test_demo_runs_as_a_notebook(tmp_path):
     )
     assert "ranked by mc_kl" in text
     _check_outputs(work)
+    run = next((work / "eval_results").iterdir())
+    top = next(
+        p for p in json.loads((run / "ranking.json").read_text())["prompts"] if p["rank"] == 1
+    )
+    tables = [
+        o["data"]["text/html"]
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "text/html" in o.get("data", {}) and "<table" in o["data"]["text/html"]
+    ]
+    assert any(html.escape(top["prompt"]) in t and "95% CI" in t for t in tables)
 
 
 def _parameter_lines(script: str) -> list[str]:
@@ -150,9 +180,26 @@ def test_persona_demo_runs_end_to_end(tmp_path):
     run = next((tmp_path / "eval_results").iterdir())
     mats = json.loads((run / "divergence_matrices.json").read_text())
     assert len(mats["personas"]) == 6 and mats["checks"]["all_ok"]
+    _check_persona_printout(proc.stdout, mats)
     figs = {p.name for p in (tmp_path / "figures" / run.name).iterdir()}
     assert {"js.png", "kl_asym.png"} <= figs and any(f.startswith("cosine_l") for f in figs)
     assert any(f.startswith("js_vs_cosine_l") for f in figs)
+
+
+def _check_persona_printout(out: str, mats: dict) -> None:
+    """The farthest pair and its JS on one line of the piped output; 4 significant digits."""
+    import numpy as np
+
+    from divscope.report.tables import fmt
+
+    js, names = np.asarray(mats["js"]), mats["personas"]
+    i, j = np.unravel_index(np.argmax(js), js.shape)
+    pair = f"{names[min(i, j)]} / {names[max(i, j)]}"
+    far = out.split("farthest pairs:", 1)[1].splitlines()
+    assert far[3].startswith(pair) and fmt(js[i, j]) in far[3], out
+    assert "[rows x" not in out and not re.findall(r"\d\.\d{7,}", out), out
+    checks = [ln for ln in out.splitlines() if ln.startswith("ok ")]
+    assert len(checks) >= 6 and all(re.search(r"\w=\S", ln) for ln in checks), out
 
 
 def test_persona_demo_layout_follows_the_style_guide():

@@ -15,6 +15,7 @@ from divscope.models.chat import TemplateSeamError
 from divscope.models.load import ModelNotFoundError
 from divscope.personas.data import PersonaDataError
 from divscope.report.html import ReportError
+from divscope.report.tables import fmt, fmt_ci, printable, ranking_table, shorten
 from divscope.runmeta import atomic_write_json
 from divscope.samples.errors import SampleFileError
 from divscope.samples.read import load_pair, load_samples
@@ -23,46 +24,16 @@ from divscope.sampling.config import ConfigError
 from divscope.stats.analysis import AnalysisInputError
 
 
-def printable(s: str) -> str:
-    """``s`` safe for a terminal: control characters (ESC, BEL, ...), lone surrogates and other
-    non-printable characters shown as escapes (``\\x1b``), never sent raw."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in s)
-
-
-def _short(s: str, n: int) -> str:
-    s = printable(" ".join(s.split()))
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
 def format_ranking(r: Ranking, top: int | None = None) -> str:
     """The ranked table ``divscope rank`` prints."""
     m = r.metric
     lines = [
         f"models: A = {printable(r.models[0])}   B = {printable(r.models[1])}",
-        f"metric: {m} ({r.units.get(m, '')}); {int(r.ci_level * 100)}% bootstrap CI over "
+        f"metric: {m} ({r.units.get(m, '')}); {round(r.ci_level * 100)}% bootstrap CI over "
         f"responses, {r.n_bootstrap} resamples",
     ]
     lines += [f"note: {printable(n)}" for n in r.notes]
-    header = f"{'rank':>4} {'idx':>4} {m:>12} {'ci':>19} {'n_a':>4} {'n_b':>4} {'excl':>5}  prompt"
-    lines += ["", header, "-" * len(header)]
-    ordered = sorted(r.prompts, key=lambda p: (p.rank is None, p.rank or 0, p.index))
-    shown = [p for p in ordered if p.rank is not None][: top or None]
-    shown += [p for p in ordered if p.rank is None]
-    for p in shown:
-        v = p.scores.get(m)
-        ci = p.ci.get(m)
-        ci_s = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
-        v_s = f"{v:.4f}" if v is not None else "-"
-        rank = str(p.rank) if p.rank is not None else "-"
-        excl = f"{p.excluded_responses[0]}/{p.excluded_responses[1]}"
-        text = (
-            _short(p.prompt, 60) if p.rank is not None else f"({p.reason}) {_short(p.prompt, 40)}"
-        )
-        lines.append(
-            f"{rank:>4} {p.index:>4} {v_s:>12} {ci_s:>19} {p.n_responses[0]:>4} "
-            f"{p.n_responses[1]:>4} {excl:>5}  {text}"
-        )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", ranking_table(r, top).text()])
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
@@ -158,9 +129,9 @@ def _cmd_personas(args: argparse.Namespace) -> int:
     )
     print(f"{n} personas x {len(questions)} questions, model {args.model}; checks ok")
     for v, a, b in pairs[:3]:
-        print(f"  farthest: {a} vs {b}: JS {v:.4f} nats")
+        print(f"  farthest: {a} vs {b}: JS {fmt(v)} nats")
     for v, a, b in pairs[-3:][::-1]:
-        print(f"  closest:  {a} vs {b}: JS {v:.4f} nats")
+        print(f"  closest:  {a} vs {b}: JS {fmt(v)} nats")
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
@@ -199,9 +170,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     for note in r.notes[:1] if not result.units else []:
         print(f"  note: {note}")
     for p in sorted((p for p in r.prompts if p.rank is not None), key=lambda p: p.rank)[:5]:
-        ci = p.ci.get(m) or [float("nan")] * 2
-        print(f"  #{p.rank}: {m} {p.scores[m]:.4g} [{ci[0]:.4g}, {ci[1]:.4g}] {unit}  "
-              f"{_short(p.prompt, 60)}")  # fmt: skip
+        print(f"  #{p.rank}: {m} {fmt(p.scores[m])} {fmt_ci(p.ci.get(m))} {unit}  "
+              f"{shorten(p.prompt, 60)}")  # fmt: skip
     s = result.summary.get("on_a_samples")
     if s:
         print(

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from divscope.report.tables import fmt
+
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
 h1{font-size:1.5em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -73,12 +75,11 @@ def _category_rows(summary: list[dict[str, Any]]) -> list[list[Any]]:
     return [[c["category"], c["n"], c["mean"], c["ci_low"], c["ci_high"]] for c in summary]
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def _fmt(v: Any) -> str:
+    """A cell's text: numbers in the one format of :func:`divscope.report.tables.fmt`."""
     if v is None:
         return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
-    return str(v)
+    return fmt(v) if isinstance(v, float) else str(v)
 
 
 def table(
