@@ -51,11 +51,23 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
+from divscope.diff.aggregate import METRICS as MODEL_METRICS
 from divscope.diff.conditions import parse_spec
 from divscope.diff.outputs import write_outputs
 from divscope.diff.pipeline import read_prompts, run_diff
 from divscope.estimators.contributions import token_contributions
-from divscope.estimators.ranking import category_summary, rank_prompts
+from divscope.estimators.ranking import ALL_METRICS, category_summary, rank_prompts
+from divscope.models.load import DTYPES
+from divscope.params import (
+    check_choice,
+    check_device,
+    check_int,
+    check_model,
+    check_number,
+    check_path,
+    one_line_errors,
+    parameter,
+)
 from divscope.report import plots
 from divscope.report.tables import Table, fmt, fmt_ci, frame_table, ranking_table
 from divscope.runmeta import atomic_write_json, new_run_dir, run_metadata
@@ -75,6 +87,29 @@ def show(fig: plt.Figure, name: str) -> None:
         plt.show()
 
 
+# %% Check the parameters: a bad value stops here, in one line that names it
+one_line_errors("kl_demo.py")
+check_choice("SOURCE", SOURCE, ("files", "models"))
+if SOURCE == "files":
+    check_path("MODEL1_FILE", MODEL1_FILE)
+    check_path("MODEL2_FILE", MODEL2_FILE)
+    why = "kl and js are exact metrics of SOURCE = 'models'" if METRIC in MODEL_METRICS else ""
+    check_choice("METRIC", METRIC, (None, *ALL_METRICS), why)
+    check_int("MAX_PROMPTS", MAX_PROMPTS, none=True)
+else:
+    check_model("MODEL_A", MODEL_A)
+    check_model("MODEL_B", MODEL_B)
+    check_path("PROMPTS_FILE", PROMPTS_FILE)
+    check_choice("METRIC", METRIC, (None, *MODEL_METRICS))
+    check_int("N_PROMPTS", N_PROMPTS, none=True)
+    check_int("N_SAMPLES", N_SAMPLES)
+    check_int("MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+    check_number("TEMPERATURE", TEMPERATURE)
+    check_device("DEVICE", DEVICE)
+    check_choice("DTYPE", DTYPE, DTYPES)
+check_int("TOP_N_DISPLAY", TOP_N_DISPLAY)
+check_int("N_BOOTSTRAP", N_BOOTSTRAP)
+
 # %% Load the two sample files, or run the two models and write their samples
 diff = None
 if SOURCE == "models":
@@ -90,14 +125,13 @@ if SOURCE == "models":
         seed=SEED,
         device=DEVICE,
     )
-run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
+run_dir = None  # created once the inputs have loaded (and, for files, ranked)
 if diff is not None:  # both sides' samples as sample files: every cell below reads them
+    run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
     write_outputs(diff, run_dir)
     a, b = load_pair(run_dir / "samples_a.jsonl", run_dir / "samples_b.jsonl")
 else:
     a, b = load_pair(MODEL1_FILE, MODEL2_FILE)
-fig_dir = Path(FIGURES_DIR) / run_dir.name
-fig_dir.mkdir(parents=True, exist_ok=True)
 t_loaded = time.perf_counter()
 
 # %% Data summary: prompts, responses per prompt, models, coverage
@@ -145,9 +179,13 @@ display(first)
 if diff is not None:
     ranking = diff.ranking
 else:
-    ranking = rank_prompts(
-        a, b, metric=METRIC, max_prompts=MAX_PROMPTS, n_bootstrap=N_BOOTSTRAP, seed=SEED
-    )
+    with parameter("METRIC", METRIC):
+        ranking = rank_prompts(
+            a, b, metric=METRIC, max_prompts=MAX_PROMPTS, n_bootstrap=N_BOOTSTRAP, seed=SEED
+        )
+    run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
+fig_dir = Path(FIGURES_DIR) / run_dir.name
+fig_dir.mkdir(parents=True, exist_ok=True)
 t_ranked = time.perf_counter()
 print(f"ranked by {ranking.metric} [{ranking.units[ranking.metric]}]")
 for note in ranking.notes:

@@ -39,7 +39,17 @@ import pandas as pd
 from IPython.display import display
 from scipy.stats import spearmanr
 
-from divscope.models.load import load_model
+from divscope.models.load import DTYPES, load_model
+from divscope.params import (
+    check_backend,
+    check_choice,
+    check_device,
+    check_int,
+    check_model,
+    check_path,
+    one_line_errors,
+    parameter,
+)
 from divscope.personas.data import load_personas, load_questions
 from divscope.personas.matrices import CHECK_DESCRIPTIONS
 from divscope.personas.pipeline import run_personas, write_outputs
@@ -59,9 +69,34 @@ def show(fig: plt.Figure, name: str) -> None:
         plt.show()
 
 
+# %% Check the parameters: a bad value stops here, in one line that names it
+one_line_errors("persona_js_demo.py")
+check_model("MODEL", MODEL)
+check_backend("BACKEND", BACKEND)
+check_device("DEVICE", DEVICE)
+check_choice("DTYPE", DTYPE, DTYPES)
+check_path("PERSONAS_FILE", PERSONAS_FILE)
+check_path("QUESTIONS_FILE", QUESTIONS_FILE)
+check_int("MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+check_int("EXPLAIN_PAIRS", EXPLAIN_PAIRS, minimum=0)
+check_path("LEAKAGE_FILE", LEAKAGE_FILE, none=True, directory=True)
+
 # %% The personas and questions
-personas = load_personas(PERSONAS_FILE, N_PERSONAS)
-questions = load_questions(QUESTIONS_FILE, N_QUESTIONS)
+with parameter("PERSONAS_FILE", PERSONAS_FILE):
+    personas = load_personas(PERSONAS_FILE)
+with parameter("QUESTIONS_FILE", QUESTIONS_FILE):
+    questions = load_questions(QUESTIONS_FILE)
+check_int("N_PERSONAS", N_PERSONAS, minimum=2, maximum=len(personas), none=True,
+          why=f"PERSONAS_FILE has {len(personas)} personas")  # fmt: skip
+check_int("N_QUESTIONS", N_QUESTIONS, maximum=len(questions), none=True,
+          why=f"QUESTIONS_FILE has {len(questions)} questions")  # fmt: skip
+personas, questions = personas[:N_PERSONAS], questions[:N_QUESTIONS]
+leakage = None
+if LEAKAGE_FILE:
+    from divscope.stats.analysis import load_leakage
+
+    with parameter("LEAKAGE_FILE", LEAKAGE_FILE):
+        leakage = load_leakage(LEAKAGE_FILE)
 display(Table({"persona": p.name, "system prompt": p.prompt} for p in personas))
 display(Table({"id": q.id, "category": q.category, "question": q.text} for q in questions))
 
@@ -173,7 +208,7 @@ mats, cosines = stats.matrices_from_result(result), stats.cosine_from_result(res
 analysis = stats.analyze(
     mats,
     cosines,
-    stats.load_leakage(LEAKAGE_FILE) if LEAKAGE_FILE else None,
+    leakage,
     n_perm=999,
     n_boot=500,
 )

@@ -12,7 +12,7 @@ from divscope import __version__
 from divscope.diff.conditions import DiffInputError
 from divscope.estimators.ranking import ALL_METRICS, Ranking, rank_prompts
 from divscope.models.chat import TemplateSeamError
-from divscope.models.load import ModelNotFoundError
+from divscope.models.load import DeviceError, ModelNotFoundError
 from divscope.personas.data import PersonaDataError
 from divscope.report.html import ReportError
 from divscope.report.tables import fmt, fmt_ci, printable, ranking_table, shorten
@@ -193,8 +193,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from divscope.stats import analysis as stats
 
     matrices = stats.load_matrices(args.matrices)
-    cosines = [c for f in args.cosine for c in stats.load_cosine(f)]
     leakage = stats.load_leakage(args.leakage) if args.leakage else None
+    cosines = [
+        c
+        for f in args.cosine
+        for c in stats.check_cosine_fits(f, stats.load_cosine(f), matrices, bool(leakage))
+    ]
     result = stats.analyze(
         matrices,
         cosines,
@@ -446,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         ReportError,
         DiffInputError,
         ModelNotFoundError,
+        DeviceError,
     ) as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2

@@ -192,6 +192,33 @@ def load_cosine(path: str | Path) -> list[CosineMeasure]:
     )
 
 
+def check_cosine_fits(
+    path: str | Path, measures: list[CosineMeasure], m: PersonaMatrices, leakage: bool
+) -> list[CosineMeasure]:
+    """``measures`` (read from ``path``) if the analysis can use them: a cosine matrix must
+    cover every persona of the matrices; per-pair cosines are only used against leakage.
+
+    Raises:
+        AnalysisInputError: The file would be silently ignored otherwise; names why and the fix.
+    """
+    for c in measures:
+        if c.matrix is not None and c.names is not None:
+            missing = [n for n in m.names if n not in c.names]
+            if missing:
+                raise AnalysisInputError(
+                    f"{path}: cosine {c.key} covers {len(m.names) - len(missing)} of the "
+                    f"{len(m.names)} personas of the matrices (missing: {', '.join(missing[:5])})"
+                    ". Fix: pass the cosine file of the same persona run"
+                )
+        elif not leakage:
+            raise AnalysisInputError(
+                f"{path}: holds cosine per directed (source, persona) pair, which only the "
+                "leakage analysis uses. Fix: add --leakage, or pass a cosine matrix file "
+                "(divscope's cosine.json or {cosine_matrix_l<k>, persona_names})"
+            )
+    return measures
+
+
 def load_leakage(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
     """Directed leakage ``(source, target) -> {rate, found?, total?}``; self-pairs dropped.
 
@@ -199,6 +226,8 @@ def load_leakage(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
     directory of those (also ``<source>/marker_eval.json``).
     """
     path = Path(path)
+    if not path.exists():
+        raise AnalysisInputError(f"{path}: no such file or directory. Fix: check the path")
     files: list[tuple[str, Path]] = []
     if path.is_dir():
         files += [
