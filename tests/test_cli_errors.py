@@ -97,3 +97,115 @@ def test_topk_metric_on_two_tokenizers_gives_the_true_reason(tmp_path, capsys):
     assert not any(m.startswith("topk") for m in doc["available_metrics"])
     assert not any(k.startswith("topk") for p in doc["prompts"] for k in p["scores"])
     assert any("top-k bounds" in n for n in doc["notes"])
+
+
+# ---------------------------------------------------------------------------- help and options
+
+
+def _subparsers():
+    import argparse
+
+    from divscope.cli import build_parser
+
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return p, sub.choices
+
+
+def test_help_lists_every_command_without_markup(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("rank", "sample", "personas", "diff", "analyze", "report", "convert"):
+        assert f"\n    {cmd} " in out, cmd
+    assert "``" not in out and "`" not in out
+
+
+def test_every_option_has_help_and_its_default():
+    import argparse
+
+    _, commands = _subparsers()
+    for name, parser in commands.items():
+        assert parser.description, name
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            d = action.default
+            if d is not None and d is not False and action.option_strings and d != []:
+                assert f"(default: {d})" in " ".join(text.split()), (name, action.dest)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--top", "0"], "--top: must be at least 1 (got 0)"),
+        (["--top", "-1"], "--top: must be at least 1 (got -1)"),
+        (["--max-prompts", "0"], "--max-prompts: must be at least 1 (got 0)"),
+        (["--n-bootstrap", "x"], "'x' is not an integer"),
+    ],
+)
+def test_rank_refuses_counts_below_one(args, needle, capsys):
+    from conftest import GEMMA_JSON, PKL
+
+    with pytest.raises(SystemExit) as e:
+        main(["rank", str(PKL), str(GEMMA_JSON), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_convert_refuses_an_output_extension_it_would_not_write(tmp_path, capsys):
+    from conftest import PKL
+
+    out = tmp_path / "out.csv"
+    assert main(["convert", str(PKL), str(out)]) == 2
+    _one_error_line(capsys, "out.csv", ".jsonl", ".npz", "out.jsonl")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_report_on_a_file_says_to_pass_its_directory(tmp_path, capsys):
+    rank_json = tmp_path / "run" / "ranking.json"
+    rank_json.parent.mkdir()
+    rank_json.write_text("{}")
+    assert main(["report", str(rank_json)]) == 2
+    _one_error_line(capsys, "is a file", f"pass its directory, {rank_json.parent}")
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    _one_error_line(capsys, "no such directory")
+
+
+def test_shipped_inputs_are_package_data():
+    """The repository's data/ files are the package's (one copy), so the CLI's defaults work
+    from any directory; pyproject ships them."""
+    import os
+
+    from divscope import defaults
+
+    for link, target in (
+        ("data/personas/core.yaml", defaults.PERSONAS),
+        ("data/questions/eval20.yaml", defaults.QUESTIONS),
+        ("data/prompts/prompts.jsonl", defaults.PROMPTS),
+    ):
+        assert os.path.samefile(ROOT / link, target), link
+    assert '"divscope.defaults" = ["*.yaml", "*.jsonl"]' in (ROOT / "pyproject.toml").read_text()
+
+
+@pytest.mark.slow
+def test_personas_runs_from_any_directory_with_the_shipped_inputs(tmp_path):
+    """`divscope personas` without --personas/--questions, from a directory without data/."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    proc = subprocess.run(
+        [sys.executable, "-m", "divscope", "personas", "--n-personas", "2", "--n-questions",
+         "1", "--max-new-tokens", "4", "--explain-pairs", "0", "--out", "out", "--quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mats = json.loads((tmp_path / "out" / "divergence_matrices.json").read_text())
+    assert mats["personas"] == ["assistant", "villain"] and mats["checks"]["all_ok"]

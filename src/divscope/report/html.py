@@ -714,6 +714,13 @@ def build_report(
     from divscope.runmeta import atomic_write, atomic_write_text
 
     run = Path(run_dir)
+    if run.is_file():
+        raise ReportError(
+            f"{run} is a file; the report reads a run directory (its ranking.json or persona "
+            f"files with their metadata). Fix: pass its directory, {run.parent}"
+        )
+    if not run.is_dir():
+        raise ReportError(f"{run}: no such directory. Fix: pass a run directory")
     if (run / "ranking.json").exists():
         page = Page(f"divscope — prompt ranking: {run.name}")
         builder = _ranking_report
