@@ -19,7 +19,10 @@
 # `python kl_demo.py` (or `make demo`). Change the parameters below and rerun.
 # Results go to `eval_results/<run>/`, figures to `figures/<run>/`.
 
-# %% Parameters
+# %% [markdown]
+# ## Parameters
+
+# %%
 SOURCE = "files"  # "files": two sample files; "models": run MODEL_A and MODEL_B locally
 MODEL1_FILE = "data/samples/smollm2_vs_gemma3/smollm2-135m-instruct.jsonl"  # model A samples
 MODEL2_FILE = "data/samples/smollm2_vs_gemma3/gemma-3-270m.jsonl"  # model B, same prompts
@@ -41,7 +44,10 @@ TEMPERATURE = 1.0  # models: sampling temperature (1.0: the model's own distribu
 DEVICE = "cpu"  # models: "cpu" or "cuda"
 DTYPE = "float32"  # models: weights of both (a spec's dtype=... overrides it)
 
-# %% Imports
+# %% [markdown]
+# ## Imports
+
+# %%
 import time
 from pathlib import Path
 
@@ -87,7 +93,10 @@ def show(fig: plt.Figure, name: str) -> None:
         plt.show()
 
 
-# %% Check the parameters: a bad value stops here, in one line that names it
+# %% [markdown]
+# ## Check the parameters: a bad value stops here, in one line that names it
+
+# %%
 one_line_errors("kl_demo.py")
 check_choice("SOURCE", SOURCE, ("files", "models"))
 if SOURCE == "files":
@@ -110,7 +119,10 @@ else:
 check_int("TOP_N_DISPLAY", TOP_N_DISPLAY)
 check_int("N_BOOTSTRAP", N_BOOTSTRAP)
 
-# %% Load the two sample files, or run the two models and write their samples
+# %% [markdown]
+# ## Load the two sample files, or run the two models and write their samples
+
+# %%
 diff = None
 if SOURCE == "models":
     diff = run_diff(
@@ -134,7 +146,10 @@ else:
     a, b = load_pair(MODEL1_FILE, MODEL2_FILE)
 t_loaded = time.perf_counter()
 
-# %% Data summary: prompts, responses per prompt, models, coverage
+# %% [markdown]
+# ## Data summary: prompts, responses per prompt, models, coverage
+
+# %%
 fields = {
     "model": lambda s: s.model,
     "file": lambda s: s.path.name,
@@ -151,7 +166,10 @@ summary = Table(
 )
 display(summary)
 
-# %% One example prompt and response
+# %% [markdown]
+# ## One example prompt and response
+
+# %%
 example = a.records[0]
 print(f"PROMPT [{example.index}]: {example.prompt}\n")
 r0 = example.usable[0]
@@ -175,7 +193,10 @@ first = Table(
 )
 display(first)
 
-# %% Score and rank every prompt (models: the exact scores computed above)
+# %% [markdown]
+# ## Score and rank every prompt (models: the exact scores computed above)
+
+# %%
 if diff is not None:
     ranking = diff.ranking
 else:
@@ -192,7 +213,10 @@ for note in ranking.notes:
     print("note:", note)
 display(ranking_table(ranking, TOP_N_DISPLAY))
 
-# %% The most different prompt, in full, with a token-level view
+# %% [markdown]
+# ## The most different prompt, in full, with a token-level view
+
+# %%
 top = min((p for p in ranking.prompts if p.rank is not None), key=lambda p: p.rank)
 ra, rb = a.record(top.index), b.record(top.index)
 m, level = ranking.metric, round(ranking.ci_level * 100)
@@ -215,7 +239,10 @@ else:
 fig = plots.token_view(tokens, values, title=f"A's response 0 to prompt #{top.index}: {what}")
 show(fig, "top_prompt_tokens")
 
-# %% Models: the dataset summary (llama.cpp's KL report, on each side's samples)
+# %% [markdown]
+# ## Models: the dataset summary (llama.cpp's KL report, on each side's samples)
+
+# %%
 if diff is not None and diff.units:
     rows = {
         k: diff.summary[f"on_{s}_samples"] for k, s in (("A's samples", "a"), ("B's samples", "b"))
@@ -231,7 +258,10 @@ if diff is not None and diff.units:
 else:
     print("no exact values (SOURCE = 'files', or two tokenizers): no dataset summary")
 
-# %% Models: what changed — the tokens B raises and lowers most, over every scored position
+# %% [markdown]
+# ## Models: what changed — the tokens B raises and lowers most, over every scored position
+
+# %%
 if diff is not None and diff.units:
     ch = diff.changed["overall"]
     display(
@@ -250,7 +280,10 @@ if diff is not None and diff.units:
         down = ", ".join(repr(t["token"]) for t in c["suppressed_in_b"][:5])
         print(f"{cat}: B raises {up}; lowers {down}")
 
-# %% Summary statistics
+# %% [markdown]
+# ## Summary statistics
+
+# %%
 m = ranking.metric
 vals = np.array([p.scores[m] for p in ranking.prompts if p.scores.get(m) is not None])
 stats = {"metric": m, "prompts": len(vals), "mean": vals.mean(), "std": vals.std(ddof=1)}
@@ -263,13 +296,19 @@ if diff is None:
     )
 display(Table([stats]))
 
-# %% Per-category means (bootstrap CI over the category's prompts)
+# %% [markdown]
+# ## Per-category means (bootstrap CI over the category's prompts)
+
+# %%
 if any(p.category for p in ranking.prompts):
     display(Table(category_summary(ranking, n_bootstrap=N_BOOTSTRAP, seed=SEED)))
 else:
     print("no prompt categories in these files")
 
-# %% Figures: prompts x metrics, ranked scores with CIs, score distribution, categories
+# %% [markdown]
+# ## Figures: prompts x metrics, ranked scores with CIs, score distribution, categories
+
+# %%
 show(plots.score_heatmap(ranking, top=TOP_N_DISPLAY), "heatmap_prompts_x_metrics")
 show(plots.ranked_scores(ranking, top=TOP_N_DISPLAY), "ranked_scores")
 show(plots.score_distribution(ranking), "score_distribution")
@@ -278,7 +317,10 @@ if any(p.category for p in ranking.prompts):
 else:
     print("no prompt categories in these files; skipping the per-category figure")
 
-# %% Save the ranking and a metadata record
+# %% [markdown]
+# ## Save the ranking and a metadata record
+
+# %%
 if diff is None:
     atomic_write_json(run_dir / "ranking.json", ranking.to_json())
     params = {"SOURCE": SOURCE, "MODEL1_FILE": MODEL1_FILE, "MODEL2_FILE": MODEL2_FILE}
@@ -304,7 +346,10 @@ if diff is not None:
 atomic_write_json(run_dir / "metadata.json", meta, overwrite=diff is not None)
 print(f"wrote {run_dir}/ranking.json and metadata.json; figures in {fig_dir}")
 
-# %% A self-contained HTML report of this run (tables, figures, token view with hover)
+# %% [markdown]
+# ## A self-contained HTML report of this run (tables, figures, token view with hover)
+
+# %%
 from divscope.report.html import build_report
 
 report_path = build_report(run_dir, run_dir / "report.html")[0]

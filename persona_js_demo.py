@@ -12,7 +12,10 @@
 # `OUTPUT_DIR/<run>/` and figures to `figures/<run>/`. For Qwen2.5-7B-Instruct on a GPU set
 # MODEL = "Qwen/Qwen2.5-7B-Instruct", BACKEND = "vllm", DEVICE = "cuda", DTYPE = "bfloat16".
 
-# %% Parameters
+# %% [markdown]
+# ## Parameters
+
+# %%
 MODEL = "smollm2-135m-instruct"  # hub name, local path, or smollm2-135m-instruct / gemma3-270m
 BACKEND = "hf"  # generation backend: "hf" (transformers, CPU/GPU) or "vllm" (GPU)
 DEVICE = "cpu"  # "cpu" or "cuda"
@@ -29,7 +32,10 @@ OUTPUT_DIR = "eval_results"  # results: OUTPUT_DIR/<run>/*.json, per_prompt.csv
 FIGURES_DIR = "figures"  # figures: FIGURES_DIR/<run>/*.png
 RUN_PREFIX = "persona_js"  # run names are <prefix>_<UTC timestamp>
 
-# %% Imports
+# %% [markdown]
+# ## Imports
+
+# %%
 from pathlib import Path
 
 import matplotlib
@@ -69,7 +75,10 @@ def show(fig: plt.Figure, name: str) -> None:
         plt.show()
 
 
-# %% Check the parameters: a bad value stops here, in one line that names it
+# %% [markdown]
+# ## Check the parameters: a bad value stops here, in one line that names it
+
+# %%
 one_line_errors("persona_js_demo.py")
 check_model("MODEL", MODEL)
 check_backend("BACKEND", BACKEND)
@@ -81,7 +90,10 @@ check_int("MAX_NEW_TOKENS", MAX_NEW_TOKENS)
 check_int("EXPLAIN_PAIRS", EXPLAIN_PAIRS, minimum=0)
 check_path("LEAKAGE_FILE", LEAKAGE_FILE, none=True, directory=True)
 
-# %% The personas and questions
+# %% [markdown]
+# ## The personas and questions
+
+# %%
 with parameter("PERSONAS_FILE", PERSONAS_FILE):
     personas = load_personas(PERSONAS_FILE)
 with parameter("QUESTIONS_FILE", QUESTIONS_FILE):
@@ -100,7 +112,10 @@ if LEAKAGE_FILE:
 display(Table({"persona": p.name, "system prompt": p.prompt} for p in personas))
 display(Table({"id": q.id, "category": q.category, "question": q.text} for q in questions))
 
-# %% Generate, teacher-force every answer under every persona, aggregate (cached by content)
+# %% [markdown]
+# ## Generate, teacher-force every answer under every persona, aggregate (cached by content)
+
+# %%
 loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 result = run_personas(
     MODEL,
@@ -126,14 +141,20 @@ print(
 for w in meta["warnings"]:
     print("warning:", w)
 
-# %% An example generation under two personas
+# %% [markdown]
+# ## An example generation under two personas
+
+# %%
 names = result.names
 q0 = questions[0]
 for rec in result.records:
     if rec["question_id"] == q0.id and rec["persona"] in names[:2]:
         print(f"[{rec['persona']}] {q0.text}\n  -> {rec['response_text']!r}\n")
 
-# %% Heatmaps: JS (clustered), signed KL asymmetry, centred cosine per layer
+# %% [markdown]
+# ## Heatmaps: JS (clustered), signed KL asymmetry, centred cosine per layer
+
+# %%
 m = result.matrices
 order = persona_plots.cluster_order(m["js"])
 show(
@@ -170,7 +191,10 @@ for layer in result.cosine["layers"]:
         f"cosine_l{layer}",
     )
 
-# %% The closest and farthest persona pairs
+# %% [markdown]
+# ## The closest and farthest persona pairs
+
+# %%
 iu = np.triu_indices(len(names), 1)
 pairs = pd.DataFrame(
     {
@@ -189,7 +213,10 @@ display(Table(pairs.head(5).to_dict("records"), title="closest pairs:", flex=())
 far = pairs.tail(5).iloc[::-1].to_dict("records")
 display(Table(far, title="farthest pairs:", flex=(), footer=[units]))
 
-# %% JS vs cosine, per layer (Spearman rho over persona pairs)
+# %% [markdown]
+# ## JS vs cosine, per layer (Spearman rho over persona pairs)
+
+# %%
 for layer in result.cosine["layers"]:
     cos = np.asarray(result.cosine["centred"][str(layer)])
     show(
@@ -201,7 +228,10 @@ rhos = {
 }
 print("Spearman rho (JS vs centred cosine):", ", ".join(f"L{k} {fmt(v)}" for k, v in rhos.items()))
 
-# %% Statistics: discrimination gate, redundancy with cosine (Mantel), per-question spread
+# %% [markdown]
+# ## Statistics: discrimination gate, redundancy with cosine (Mantel), per-question spread
+
+# %%
 from divscope.stats import analysis as stats
 
 mats, cosines = stats.matrices_from_result(result), stats.cosine_from_result(result)
@@ -236,7 +266,10 @@ display(
     )
 )
 
-# %% Leakage (only with LEAKAGE_FILE): JS vs cosine as predictors, KL asymmetry
+# %% [markdown]
+# ## Leakage (only with LEAKAGE_FILE): JS vs cosine as predictors, KL asymmetry
+
+# %%
 if LEAKAGE_FILE:
     lk = analysis["leakage"]
     print(f"JS vs leakage over {lk['n_pairs']} directed pairs: rho {fmt(lk['js_spearman_rho'])}")
@@ -253,11 +286,17 @@ else:
         "predictors of leakage"
     )
 
-# %% Consistency checks (a failed check raises before this cell)
+# %% [markdown]
+# ## Consistency checks (a failed check raises before this cell)
+
+# %%
 display(checks_table(result.checks, CHECK_DESCRIPTIONS))
 print(f"all checks ok: {result.checks['all_ok']}; results in {run_dir}, figures in {fig_dir}")
 
-# %% What changed for the farthest pairs, then a self-contained HTML report of the run
+# %% [markdown]
+# ## What changed for the farthest pairs, then a self-contained HTML report of the run
+
+# %%
 from divscope.personas.explain import explain_run
 from divscope.report.html import build_report
 from divscope.runmeta import atomic_write_json

@@ -194,7 +194,8 @@ def test_shipped_inputs_are_package_data():
 
 @pytest.mark.slow
 def test_personas_runs_from_any_directory_with_the_shipped_inputs(tmp_path):
-    """`divscope personas` without --personas/--questions, from a directory without data/."""
+    """`divscope personas` without --personas/--questions, from a directory without data/;
+    --quiet shows no progress bar (transformers' weight loading included)."""
     import json
     import os
     import subprocess
@@ -207,5 +208,7 @@ def test_personas_runs_from_any_directory_with_the_shipped_inputs(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Loading weights" not in proc.stderr and "it/s" not in proc.stderr  # --quiet
+    assert "deprecated" not in proc.stderr, proc.stderr
     mats = json.loads((tmp_path / "out" / "divergence_matrices.json").read_text())
     assert mats["personas"] == ["assistant", "villain"] and mats["checks"]["all_ok"]

@@ -142,6 +142,24 @@ def test_demo_runs_as_a_notebook(tmp_path):
         if "text/html" in o.get("data", {}) and "<table" in o["data"]["text/html"]
     ]
     assert any(html.escape(top["prompt"]) in t and "95% CI" in t for t in tables)
+    assert "TqdmWarning" not in text and "IProgress" not in text
+    from nbconvert import HTMLExporter  # the dev extra renders the notebook to HTML
+
+    page = HTMLExporter().from_notebook_node(nb)[0]
+    assert html.escape(top["prompt"]) in page and "## " not in page
+
+
+def test_progress_bars_in_a_notebook_need_no_missing_package(tmp_path):
+    """tqdm.auto in a kernel finds ipywidgets (a dependency): no TqdmWarning."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nprint(sum(tqdm(range(3))))")]
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outs = nb.cells[0].outputs
+    text = "".join(o.get("text", "") for o in outs)
+    assert "3" in text and "TqdmWarning" not in text and "IProgress" not in text, outs
 
 
 def _parameter_lines(script: str) -> list[str]:
@@ -150,8 +168,22 @@ def _parameter_lines(script: str) -> list[str]:
     assert src.startswith("# %% [markdown]")
     assert "sys.path" not in src
     assert not any(ln.lstrip().startswith(("!", "%")) for ln in src.splitlines())
-    params = src.split("# %% Parameters\n", 1)[1].split("# %%", 1)[0]
+    params = src.split("# %% [markdown]\n# ## Parameters\n\n# %%\n", 1)[1].split("# %%", 1)[0]
     return [ln for ln in params.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("script", ["kl_demo.py", "persona_js_demo.py"])
+def test_demo_cell_titles_show_in_the_notebook(script):
+    """Each code cell's title is a markdown heading cell right above it: jupytext keeps a
+    `# %% Title` only as invisible cell metadata, so it would not show in a notebook."""
+    import jupytext
+
+    cells = jupytext.read(ROOT / script).cells
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ")
+    for before, cell in zip(cells, cells[1:], strict=False):
+        assert "title" not in cell.metadata
+        if cell.cell_type == "code":
+            assert before.cell_type == "markdown" and before.source.startswith("## "), cell.source
 
 
 def test_demo_layout_follows_the_style_guide():

@@ -561,9 +561,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _no_library_progress_bars() -> None:
+    """--quiet: transformers' "Loading weights" and the hub's download bars stay hidden too."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``divscope`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        _no_library_progress_bars()
     try:
         return args.func(args)
     except SampleFileError as e:
