@@ -627,23 +627,13 @@ def _cosine_by_layer(
     cosine: dict[str, Any], names: list[str], rows: list[list[Any]], page: Page
 ) -> None:
     """Centred cosine per layer for the 5 farthest and 3 closest pairs by JS."""
-    import matplotlib.pyplot as plt
-
     from divscope.personas.explain import pair_cosine_by_layer
+    from divscope.report.persona_plots import cosine_by_layer
 
-    layers = [str(x) for x in cosine["layers"]]
     page.heading("Cosine by layer")
     curves = pair_cosine_by_layer(cosine, names)
     top = [f"{r[0]}|{r[1]}" for r in rows[:5]] + [f"{r[0]}|{r[1]}" for r in rows[-3:]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in dict.fromkeys(top):
-        ax.plot([int(x) for x in layers], curves[key], marker="o", label=key)
-    ax.set(
-        xlabel="hidden_states index",
-        ylabel="centred cosine",
-        title="cosine by layer: the 5 farthest and 3 closest pairs by JS",
-    )
-    ax.legend(fontsize=7)
+    fig = cosine_by_layer(curves, [int(x) for x in cosine["layers"]], top)
     page.figure("cosine_by_layer", fig, "per persona pair")
 
 
