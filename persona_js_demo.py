@@ -60,7 +60,7 @@ from divscope.personas.data import load_personas, load_questions
 from divscope.personas.matrices import CHECK_DESCRIPTIONS
 from divscope.personas.pipeline import run_personas, write_outputs
 from divscope.report import persona_plots
-from divscope.report.tables import Table, checks_table, fmt
+from divscope.report.tables import Table, analysis_summary, checks_table, fmt
 from divscope.runmeta import new_run_dir
 
 
@@ -242,18 +242,8 @@ analysis = stats.analyze(
     n_perm=999,
     n_boot=500,
 )
-d = analysis["discrimination"]
-print(
-    f"JS over {d['n_pairs']} pairs: mean {fmt(d['mean'])}, std {fmt(d['std'])}, ratio "
-    f"{fmt(d['ratio'])}; gate (std > {d['thresholds']['std']}, ratio > "
-    f"{d['thresholds']['ratio']}): {'pass' if d['pass'] else 'FAIL'}"
-)
-display(
-    Table(
-        {"JS vs": k, **{x: v[x] for x in ("spearman_rho", "pearson_r", "mantel_p", "redundant")}}
-        for k, v in analysis["redundancy"].items()
-    )
-)
+for item in analysis_summary(analysis):
+    display(item)
 pq = analysis["per_question"]
 display(
     Table(

@@ -17,7 +17,14 @@ from divscope.models.chat import TemplateSeamError
 from divscope.models.load import DTYPES, DeviceError, ModelNotFoundError
 from divscope.personas.data import PersonaDataError
 from divscope.report.html import ReportError
-from divscope.report.tables import fmt, fmt_ci, printable, ranking_table, shorten
+from divscope.report.tables import (
+    analysis_summary,
+    fmt,
+    fmt_ci,
+    printable,
+    ranking_table,
+    shorten,
+)
 from divscope.runmeta import atomic_write_json
 from divscope.samples.errors import SampleFileError
 from divscope.samples.read import load_pair, load_samples
@@ -229,31 +236,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         n_boot=args.n_bootstrap,
         seed=args.seed,
     )
-    d = result["discrimination"]
-    print(
-        f"discrimination: JS mean {d['mean']:.4f}, std {d['std']:.4f} (gate > "
-        f"{d['thresholds']['std']}: {'pass' if d['pass_std'] else 'FAIL'}), ratio "
-        f"{d['ratio']:.2f} (gate > {d['thresholds']['ratio']}: "
-        f"{'pass' if d['pass_ratio'] else 'FAIL'}) -> {'PASS' if d['pass'] else 'FAIL'}"
-    )
-    for k, v in result["redundancy"].items():
-        print(
-            f"redundancy JS vs {k}: rho {v['spearman_rho']:.3f}, Mantel p {v['mantel_p']:.4g}"
-            f"{' (redundant)' if v['redundant'] else ''}"
-        )
-    if "leakage" in result:
-        lk = result["leakage"]
-        print(
-            f"leakage ({lk['n_pairs']} directed pairs): JS rho {lk['js_spearman_rho']:.3f} "
-            f"(p {lk['js_spearman_p']:.2g})"
-        )
-        for k, v in lk["cosine"].items():
-            cmp = v.get("comparison") or {}
-            print(
-                f"  cosine {k}: rho {v['spearman_rho']:.3f}; |rho_JS| - rho_cos = "
-                f"{cmp.get('difference', float('nan')):.3f}, MRR z {cmp.get('statistic', 0):.2f}"
-                f", p {cmp.get('p', float('nan')):.3g}"
-            )
+    for item in analysis_summary(result):
+        print(item)
     if args.json:
         atomic_write_json(Path(args.json), result, overwrite=args.overwrite)
         print(f"wrote {args.json}")

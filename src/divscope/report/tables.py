@@ -269,3 +269,82 @@ def checks_table(checks: Mapping[str, Any], descriptions: Mapping[str, str]) -> 
         text_columns=["ok", "check", "measured (what it tests)"],
         flex=("measured (what it tests)",),
     )
+
+
+# ---------------------------------------------------------------------------- statistics
+
+VERDICT_NOTES = {
+    "discrimination": (
+        "  what it tests: whether JS separates these personas at all; its spread over pairs "
+        "must be large in absolute terms (std) and relative terms (max/min)."
+    ),
+    "discrimination_pass": "  PASS: JS spreads enough across pairs to rank them.",
+    "discrimination_fail": (
+        "  FAIL: the pairs' JS values are too alike to rank pairs by JS (more questions or "
+        "longer answers may help; the thresholds are the pre-registered ones)."
+    ),
+    "redundancy": (
+        "  rho: Spearman correlation of JS with that cosine over the pairs (JS is a distance and "
+        "cosine a similarity, so agreement shows as negative rho). Mantel p: how often permuting "
+        "the personas gives |rho| at least as large (pairs share personas, so an ordinary p "
+        "would be too small). redundant: |rho| > {threshold}, JS orders the pairs almost as "
+        "that cosine does and adds little beyond it."
+    ),
+    "leakage": (
+        "  negative rho: personas closer in JS leak more. The comparison asks, on the same "
+        "directed pairs, whether -JS or cosine predicts leakage better (Meng-Rosenthal-Rubin z "
+        "for two correlations sharing leakage); p < 0.05: unlikely if both predicted equally."
+    ),
+}
+
+
+def analysis_summary(result: Mapping[str, Any]) -> list[str | Table]:
+    """The statistics of ``divscope analyze`` (or the persona demo) for people: each verdict
+    with one line on what it tests and what to conclude, then the small-sample warnings.
+    Strings print as they are; tables go through ``display``/``print``."""
+    d = result["discrimination"]
+    th = d["thresholds"]
+    verdict = "PASS" if d["pass"] else "FAIL"
+    out: list[str | Table] = [
+        f"discrimination gate (std > {th['std']} nats and max/min > {th['ratio']}): {verdict}. "
+        f"JS over {d['n_pairs']} pairs: mean {fmt(d['mean'])}, std {fmt(d['std'])} "
+        f"({'pass' if d['pass_std'] else 'fail'}), max/min {fmt(d['ratio'])} "
+        f"({'pass' if d['pass_ratio'] else 'fail'})",
+        VERDICT_NOTES["discrimination"],
+        VERDICT_NOTES["discrimination_pass" if d["pass"] else "discrimination_fail"],
+    ]
+    red = result.get("redundancy") or {}
+    if red:
+        first = next(iter(red.values()))
+        out.append(
+            Table(
+                (
+                    {"JS vs": k, "spearman_rho": v["spearman_rho"], "pearson_r": v["pearson_r"],
+                     "mantel_p": v["mantel_p"], "redundant": v["redundant"]}
+                    for k, v in red.items()
+                ),
+                title=f"redundancy with cosine ({first['n_pairs']} pairs, "
+                f"{first['mantel_permutations']} Mantel permutations):",
+            )
+        )  # fmt: skip
+        out.append(VERDICT_NOTES["redundancy"].format(threshold=first.get("threshold", 0.8)))
+    lk = result.get("leakage")
+    if lk:
+        out.append(
+            f"leakage ({lk['n_pairs']} directed pairs, {lk['n_sources']} sources): JS rho "
+            f"{fmt(lk['js_spearman_rho'])} (p {fmt(lk['js_spearman_p'])})"
+        )
+        for k, v in lk["cosine"].items():
+            cmp = v.get("comparison") or {}
+            line = f"  cosine {k}: rho {fmt(v['spearman_rho'])}"
+            if cmp:
+                line += (
+                    f"; rho(-JS) - rho(cos) = {fmt(cmp['difference'])}, MRR z "
+                    f"{fmt(cmp['statistic'])}, p {fmt(cmp['p'])}"
+                )
+            elif v.get("comparison_note"):
+                line += f"; {v['comparison_note']}"
+            out.append(line)
+        out.append(VERDICT_NOTES["leakage"])
+    out += [f"warning: {w}" for w in result.get("warnings", [])]
+    return out
