@@ -19,7 +19,10 @@
 # `python kl_demo.py` (or `make demo`). Change the parameters below and rerun.
 # Results go to `eval_results/<run>/`, figures to `figures/<run>/`.
 
-# %% Parameters
+# %% [markdown]
+# ## Parameters
+
+# %%
 SOURCE = "files"  # "files": two sample files; "models": run MODEL_A and MODEL_B locally
 MODEL1_FILE = "data/samples/smollm2_vs_gemma3/smollm2-135m-instruct.jsonl"  # model A samples
 MODEL2_FILE = "data/samples/smollm2_vs_gemma3/gemma-3-270m.jsonl"  # model B, same prompts
@@ -41,7 +44,10 @@ TEMPERATURE = 1.0  # models: sampling temperature (1.0: the model's own distribu
 DEVICE = "cpu"  # models: "cpu" or "cuda"
 DTYPE = "float32"  # models: weights of both (a spec's dtype=... overrides it)
 
-# %% Imports
+# %% [markdown]
+# ## Imports
+
+# %%
 import time
 from pathlib import Path
 
@@ -51,17 +57,28 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
+from divscope.diff.aggregate import METRICS as MODEL_METRICS
 from divscope.diff.conditions import parse_spec
 from divscope.diff.outputs import write_outputs
 from divscope.diff.pipeline import read_prompts, run_diff
 from divscope.estimators.contributions import token_contributions
-from divscope.estimators.ranking import category_summary, rank_prompts
+from divscope.estimators.ranking import ALL_METRICS, category_summary, rank_prompts
+from divscope.models.load import DTYPES
+from divscope.params import (
+    check_choice,
+    check_device,
+    check_int,
+    check_model,
+    check_number,
+    check_path,
+    one_line_errors,
+    parameter,
+)
 from divscope.report import plots
+from divscope.report.tables import Table, fmt, fmt_ci, frame_table, ranking_table
 from divscope.runmeta import atomic_write_json, new_run_dir, run_metadata
 from divscope.samples import load_pair
 
-pd.set_option("display.max_colwidth", 70)
-pd.set_option("display.width", 160)
 t_start = time.perf_counter()
 
 
@@ -76,7 +93,36 @@ def show(fig: plt.Figure, name: str) -> None:
         plt.show()
 
 
-# %% Load the two sample files, or run the two models and write their samples
+# %% [markdown]
+# ## Check the parameters: a bad value stops here, in one line that names it
+
+# %%
+one_line_errors("kl_demo.py")
+check_choice("SOURCE", SOURCE, ("files", "models"))
+if SOURCE == "files":
+    check_path("MODEL1_FILE", MODEL1_FILE)
+    check_path("MODEL2_FILE", MODEL2_FILE)
+    why = "kl and js are exact metrics of SOURCE = 'models'" if METRIC in MODEL_METRICS else ""
+    check_choice("METRIC", METRIC, (None, *ALL_METRICS), why)
+    check_int("MAX_PROMPTS", MAX_PROMPTS, none=True)
+else:
+    check_model("MODEL_A", MODEL_A)
+    check_model("MODEL_B", MODEL_B)
+    check_path("PROMPTS_FILE", PROMPTS_FILE)
+    check_choice("METRIC", METRIC, (None, *MODEL_METRICS))
+    check_int("N_PROMPTS", N_PROMPTS, none=True)
+    check_int("N_SAMPLES", N_SAMPLES)
+    check_int("MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+    check_number("TEMPERATURE", TEMPERATURE)
+    check_device("DEVICE", DEVICE)
+    check_choice("DTYPE", DTYPE, DTYPES)
+check_int("TOP_N_DISPLAY", TOP_N_DISPLAY)
+check_int("N_BOOTSTRAP", N_BOOTSTRAP)
+
+# %% [markdown]
+# ## Load the two sample files, or run the two models and write their samples
+
+# %%
 diff = None
 if SOURCE == "models":
     diff = run_diff(
@@ -91,74 +137,90 @@ if SOURCE == "models":
         seed=SEED,
         device=DEVICE,
     )
-run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
+run_dir = None  # created once the inputs have loaded (and, for files, ranked)
 if diff is not None:  # both sides' samples as sample files: every cell below reads them
+    run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
     write_outputs(diff, run_dir)
     a, b = load_pair(run_dir / "samples_a.jsonl", run_dir / "samples_b.jsonl")
 else:
     a, b = load_pair(MODEL1_FILE, MODEL2_FILE)
-fig_dir = Path(FIGURES_DIR) / run_dir.name
-fig_dir.mkdir(parents=True, exist_ok=True)
 t_loaded = time.perf_counter()
 
-# %% Data summary: prompts, responses per prompt, models, coverage
-summary = pd.DataFrame(
-    [
-        {
-            "model": s.model,
-            "file": s.path.name,
-            "format": s.source_format,
-            "prompts": len(s.records),
-            "responses/prompt": np.mean([len(r.responses) for r in s.records]),
-            "excluded (no logprobs)": s.n_excluded,
-            "tokens/response": np.mean([len(x.scores) for r in s.records for x in r.usable]),
-            "top-k": max(x.scores.top_ids.shape[1] for r in s.records for x in r.usable),
-            "cross-scored by other": s.has_cross_scores((b if s is a else a).model),
-        }
-        for s in (a, b)
-    ],
-    index=["A", "B"],
+# %% [markdown]
+# ## Data summary: prompts, responses per prompt, models, coverage
+
+# %%
+fields = {
+    "model": lambda s: s.model,
+    "file": lambda s: s.path.name,
+    "format": lambda s: s.source_format,
+    "prompts": lambda s: len(s.records),
+    "responses/prompt": lambda s: np.mean([len(r.responses) for r in s.records]),
+    "excluded (no logprobs)": lambda s: s.n_excluded,
+    "tokens/response": lambda s: np.mean([len(x.scores) for r in s.records for x in r.usable]),
+    "top-k": lambda s: max(x.scores.top_ids.shape[1] for r in s.records for x in r.usable),
+    "cross-scored by other": lambda s: s.has_cross_scores((b if s is a else a).model),
+}
+summary = Table(
+    ({"": k, "A": f(a), "B": f(b)} for k, f in fields.items()), flex=("A", "B"), min_flex=30
 )
 display(summary)
 
-# %% One example prompt and response
+# %% [markdown]
+# ## One example prompt and response
+
+# %%
 example = a.records[0]
 print(f"PROMPT [{example.index}]: {example.prompt}\n")
 r0 = example.usable[0]
 print(f"{a.model} (response 0, {len(r0.scores)} tokens, finish: {r0.finish_reason}):")
 print(r0.text[:800] + ("…" if len(r0.text) > 800 else ""))
-first = pd.DataFrame(
+first = Table(
     {
-        "token": r0.scores.tokens[:8],
-        "logprob": r0.scores.logprobs[:8],
-        "top-3": [
-            ", ".join(
-                f"{a.vocab.strings[j]!r}:{v:.2f}" for j, v in zip(ids[:3], lps[:3], strict=True)
-            )
-            for ids, lps in zip(r0.scores.top_ids[:8], r0.scores.top_logprobs[:8], strict=True)
-        ],
+        "token": repr(tok),
+        "logprob": lp,
+        "top-3 (logprob)": ", ".join(
+            f"{a.vocab.strings[j]!r}:{fmt(v)}" for j, v in zip(ids[:3], lps[:3], strict=True)
+        ),
     }
+    for tok, lp, ids, lps in zip(
+        r0.scores.tokens[:8],
+        r0.scores.logprobs[:8],
+        r0.scores.top_ids[:8],
+        r0.scores.top_logprobs[:8],
+        strict=True,
+    )
 )
 display(first)
 
-# %% Score and rank every prompt (models: the exact scores computed above)
+# %% [markdown]
+# ## Score and rank every prompt (models: the exact scores computed above)
+
+# %%
 if diff is not None:
     ranking = diff.ranking
 else:
-    ranking = rank_prompts(
-        a, b, metric=METRIC, max_prompts=MAX_PROMPTS, n_bootstrap=N_BOOTSTRAP, seed=SEED
-    )
+    with parameter("METRIC", METRIC):
+        ranking = rank_prompts(
+            a, b, metric=METRIC, max_prompts=MAX_PROMPTS, n_bootstrap=N_BOOTSTRAP, seed=SEED
+        )
+    run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
+fig_dir = Path(FIGURES_DIR) / run_dir.name
+fig_dir.mkdir(parents=True, exist_ok=True)
 t_ranked = time.perf_counter()
 print(f"ranked by {ranking.metric} [{ranking.units[ranking.metric]}]")
 for note in ranking.notes:
     print("note:", note)
-table = ranking.to_frame()
-display(table.head(TOP_N_DISPLAY))
+display(ranking_table(ranking, TOP_N_DISPLAY))
 
-# %% The most different prompt, in full, with a token-level view
+# %% [markdown]
+# ## The most different prompt, in full, with a token-level view
+
+# %%
 top = min((p for p in ranking.prompts if p.rank is not None), key=lambda p: p.rank)
 ra, rb = a.record(top.index), b.record(top.index)
-print(f"#1 by {ranking.metric} = {top.scores[ranking.metric]:.4f}  CI {top.ci[ranking.metric]}")
+m, level = ranking.metric, round(ranking.ci_level * 100)
+print(f"#1 by {m} = {fmt(top.scores[m])} {ranking.units[m]}, {level}% CI {fmt_ci(top.ci[m])}")
 print(f"PROMPT [{top.index}]: {top.prompt}\n")
 for name, rec in (("A: " + a.model, ra), ("B: " + b.model, rb)):
     print(f"--- {name}, response 0 of {len(rec.usable)} ---")
@@ -177,7 +239,10 @@ else:
 fig = plots.token_view(tokens, values, title=f"A's response 0 to prompt #{top.index}: {what}")
 show(fig, "top_prompt_tokens")
 
-# %% Models: the dataset summary (llama.cpp's KL report, on each side's samples)
+# %% [markdown]
+# ## Models: the dataset summary (llama.cpp's KL report, on each side's samples)
+
+# %%
 if diff is not None and diff.units:
     rows = {
         k: diff.summary[f"on_{s}_samples"] for k, s in (("A's samples", "a"), ("B's samples", "b"))
@@ -186,24 +251,28 @@ if diff is not None and diff.units:
     keys += ["same_top_rate_se", "rms_dp", "ln_ppl_ratio_b_over_a", "js_mean", "js_se"]
     table = pd.DataFrame({k: {c: v[c] for c in keys} for k, v in rows.items()})
     pct = pd.DataFrame({k: v["kl_percentiles"] for k, v in rows.items()})
-    display(table)
-    display(pct.rename(index=lambda p: f"KL percentile {p}"))
+    display(frame_table(table, index="measure"))
+    display(frame_table(pct.rename(index=lambda p: f"KL percentile {p}"), index="percentile"))
     for note in diff.summary["notes"]:
         print("note:", note)
 else:
     print("no exact values (SOURCE = 'files', or two tokenizers): no dataset summary")
 
-# %% Models: what changed — the tokens B raises and lowers most, over every scored position
+# %% [markdown]
+# ## Models: what changed — the tokens B raises and lowers most, over every scored position
+
+# %%
 if diff is not None and diff.units:
     ch = diff.changed["overall"]
     display(
-        pd.DataFrame(
+        Table(
             {
-                "raised in B": [t["token"] for t in ch["boosted_in_b"][:12]],
-                "mean Δp": [t["delta_prob"] for t in ch["boosted_in_b"][:12]],
-                "lowered in B": [t["token"] for t in ch["suppressed_in_b"][:12]],
-                "mean Δp ": [t["delta_prob"] for t in ch["suppressed_in_b"][:12]],
+                "raised in B": repr(up["token"]),
+                "mean Δp": up["delta_prob"],
+                "lowered in B": repr(down["token"]),
+                "mean Δp ": down["delta_prob"],
             }
+            for up, down in zip(ch["boosted_in_b"][:12], ch["suppressed_in_b"][:12], strict=False)
         )
     )
     for cat, c in diff.changed["by_category"].items():
@@ -211,24 +280,35 @@ if diff is not None and diff.units:
         down = ", ".join(repr(t["token"]) for t in c["suppressed_in_b"][:5])
         print(f"{cat}: B raises {up}; lowers {down}")
 
-# %% Summary statistics
+# %% [markdown]
+# ## Summary statistics
+
+# %%
 m = ranking.metric
-vals = pd.Series([p.scores[m] for p in ranking.prompts if p.scores.get(m) is not None])
-stats = vals.describe().to_frame(m).T
+vals = np.array([p.scores[m] for p in ranking.prompts if p.scores.get(m) is not None])
+stats = {"metric": m, "prompts": len(vals), "mean": vals.mean(), "std": vals.std(ddof=1)}
+qs = ("min", "25%", "median", "75%", "max")
+stats |= dict(zip(qs, np.percentile(vals, [0, 25, 50, 75, 100]), strict=True))
 stats["unscored"] = sum(p.rank is None for p in ranking.prompts)
 if diff is None:
-    stats["mean matched-token share"] = np.mean(
+    stats["matched-token share"] = np.mean(
         [p.coverage.get("matched_token_share", np.nan) for p in ranking.prompts]
     )
-display(stats)
+display(Table([stats]))
 
-# %% Per-category means (bootstrap CI over the category's prompts)
+# %% [markdown]
+# ## Per-category means (bootstrap CI over the category's prompts)
+
+# %%
 if any(p.category for p in ranking.prompts):
-    display(pd.DataFrame(category_summary(ranking, n_bootstrap=N_BOOTSTRAP, seed=SEED)))
+    display(Table(category_summary(ranking, n_bootstrap=N_BOOTSTRAP, seed=SEED)))
 else:
     print("no prompt categories in these files")
 
-# %% Figures: prompts x metrics, ranked scores with CIs, score distribution, categories
+# %% [markdown]
+# ## Figures: prompts x metrics, ranked scores with CIs, score distribution, categories
+
+# %%
 show(plots.score_heatmap(ranking, top=TOP_N_DISPLAY), "heatmap_prompts_x_metrics")
 show(plots.ranked_scores(ranking, top=TOP_N_DISPLAY), "ranked_scores")
 show(plots.score_distribution(ranking), "score_distribution")
@@ -237,7 +317,10 @@ if any(p.category for p in ranking.prompts):
 else:
     print("no prompt categories in these files; skipping the per-category figure")
 
-# %% Save the ranking and a metadata record
+# %% [markdown]
+# ## Save the ranking and a metadata record
+
+# %%
 if diff is None:
     atomic_write_json(run_dir / "ranking.json", ranking.to_json())
     params = {"SOURCE": SOURCE, "MODEL1_FILE": MODEL1_FILE, "MODEL2_FILE": MODEL2_FILE}
@@ -263,7 +346,10 @@ if diff is not None:
 atomic_write_json(run_dir / "metadata.json", meta, overwrite=diff is not None)
 print(f"wrote {run_dir}/ranking.json and metadata.json; figures in {fig_dir}")
 
-# %% A self-contained HTML report of this run (tables, figures, token view with hover)
+# %% [markdown]
+# ## A self-contained HTML report of this run (tables, figures, token view with hover)
+
+# %%
 from divscope.report.html import build_report
 
 report_path = build_report(run_dir, run_dir / "report.html")[0]

@@ -12,7 +12,10 @@
 # `OUTPUT_DIR/<run>/` and figures to `figures/<run>/`. For Qwen2.5-7B-Instruct on a GPU set
 # MODEL = "Qwen/Qwen2.5-7B-Instruct", BACKEND = "vllm", DEVICE = "cuda", DTYPE = "bfloat16".
 
-# %% Parameters
+# %% [markdown]
+# ## Parameters
+
+# %%
 MODEL = "smollm2-135m-instruct"  # hub name, local path, or smollm2-135m-instruct / gemma3-270m
 BACKEND = "hf"  # generation backend: "hf" (transformers, CPU/GPU) or "vllm" (GPU)
 DEVICE = "cpu"  # "cpu" or "cuda"
@@ -29,7 +32,10 @@ OUTPUT_DIR = "eval_results"  # results: OUTPUT_DIR/<run>/*.json, per_prompt.csv
 FIGURES_DIR = "figures"  # figures: FIGURES_DIR/<run>/*.png
 RUN_PREFIX = "persona_js"  # run names are <prefix>_<UTC timestamp>
 
-# %% Imports
+# %% [markdown]
+# ## Imports
+
+# %%
 from pathlib import Path
 
 import matplotlib
@@ -39,14 +45,23 @@ import pandas as pd
 from IPython.display import display
 from scipy.stats import spearmanr
 
-from divscope.models.load import load_model
+from divscope.models.load import DTYPES, load_model
+from divscope.params import (
+    check_backend,
+    check_choice,
+    check_device,
+    check_int,
+    check_model,
+    check_path,
+    one_line_errors,
+    parameter,
+)
 from divscope.personas.data import load_personas, load_questions
+from divscope.personas.matrices import CHECK_DESCRIPTIONS
 from divscope.personas.pipeline import run_personas, write_outputs
 from divscope.report import persona_plots
+from divscope.report.tables import Table, analysis_summary, checks_table, fmt
 from divscope.runmeta import new_run_dir
-
-pd.set_option("display.max_colwidth", 90)
-pd.set_option("display.width", 160)
 
 
 def show(fig: plt.Figure, name: str) -> None:
@@ -60,13 +75,47 @@ def show(fig: plt.Figure, name: str) -> None:
         plt.show()
 
 
-# %% The personas and questions
-personas = load_personas(PERSONAS_FILE, N_PERSONAS)
-questions = load_questions(QUESTIONS_FILE, N_QUESTIONS)
-display(pd.DataFrame([{"persona": p.name, "system prompt": p.prompt} for p in personas]))
-display(pd.DataFrame([{"id": q.id, "category": q.category, "question": q.text} for q in questions]))
+# %% [markdown]
+# ## Check the parameters: a bad value stops here, in one line that names it
 
-# %% Generate, teacher-force every answer under every persona, aggregate (cached by content)
+# %%
+one_line_errors("persona_js_demo.py")
+check_model("MODEL", MODEL)
+check_backend("BACKEND", BACKEND)
+check_device("DEVICE", DEVICE)
+check_choice("DTYPE", DTYPE, DTYPES)
+check_path("PERSONAS_FILE", PERSONAS_FILE)
+check_path("QUESTIONS_FILE", QUESTIONS_FILE)
+check_int("MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+check_int("EXPLAIN_PAIRS", EXPLAIN_PAIRS, minimum=0)
+check_path("LEAKAGE_FILE", LEAKAGE_FILE, none=True, directory=True)
+
+# %% [markdown]
+# ## The personas and questions
+
+# %%
+with parameter("PERSONAS_FILE", PERSONAS_FILE):
+    personas = load_personas(PERSONAS_FILE)
+with parameter("QUESTIONS_FILE", QUESTIONS_FILE):
+    questions = load_questions(QUESTIONS_FILE)
+check_int("N_PERSONAS", N_PERSONAS, minimum=2, maximum=len(personas), none=True,
+          why=f"PERSONAS_FILE has {len(personas)} personas")  # fmt: skip
+check_int("N_QUESTIONS", N_QUESTIONS, maximum=len(questions), none=True,
+          why=f"QUESTIONS_FILE has {len(questions)} questions")  # fmt: skip
+personas, questions = personas[:N_PERSONAS], questions[:N_QUESTIONS]
+leakage = None
+if LEAKAGE_FILE:
+    from divscope.stats.analysis import load_leakage
+
+    with parameter("LEAKAGE_FILE", LEAKAGE_FILE):
+        leakage = load_leakage(LEAKAGE_FILE)
+display(Table({"persona": p.name, "system prompt": p.prompt} for p in personas))
+display(Table({"id": q.id, "category": q.category, "question": q.text} for q in questions))
+
+# %% [markdown]
+# ## Generate, teacher-force every answer under every persona, aggregate (cached by content)
+
+# %%
 loaded = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 result = run_personas(
     MODEL,
@@ -87,19 +136,25 @@ meta = result.metadata
 print(
     f"model {MODEL}: {meta['units']} answers teacher-forced under {len(personas) + 1} "
     f"personas (incl. a twin for the noise floor), {meta['tokens_scored']} positions scored, "
-    f"{meta['units_from_cache']} from cache; {meta['timings_s']['total']:.1f} s"
+    f"{meta['units_from_cache']} from cache; {fmt(meta['timings_s']['total'])} s"
 )
 for w in meta["warnings"]:
     print("warning:", w)
 
-# %% An example generation under two personas
+# %% [markdown]
+# ## An example generation under two personas
+
+# %%
 names = result.names
 q0 = questions[0]
 for rec in result.records:
     if rec["question_id"] == q0.id and rec["persona"] in names[:2]:
         print(f"[{rec['persona']}] {q0.text}\n  -> {rec['response_text']!r}\n")
 
-# %% Heatmaps: JS (clustered), signed KL asymmetry, centred cosine per layer
+# %% [markdown]
+# ## Heatmaps: JS (clustered), signed KL asymmetry, centred cosine per layer
+
+# %%
 m = result.matrices
 order = persona_plots.cluster_order(m["js"])
 show(
@@ -136,27 +191,32 @@ for layer in result.cosine["layers"]:
         f"cosine_l{layer}",
     )
 
-# %% The closest and farthest persona pairs
+# %% [markdown]
+# ## The closest and farthest persona pairs
+
+# %%
 iu = np.triu_indices(len(names), 1)
 pairs = pd.DataFrame(
     {
-        "a": [names[i] for i in iu[0]],
-        "b": [names[j] for j in iu[1]],
+        "pair": [f"{names[i]} / {names[j]}" for i, j in zip(*iu, strict=True)],
         "js": m["js"][iu],
         "kl_sym": m["kl_sym"][iu],
-        "kl_asym (a's answers)": m["kl_asym"][iu],
+        "kl_asym": m["kl_asym"][iu],
         **{
-            f"cos_c L{layer}": np.asarray(result.cosine["centred"][str(layer)])[iu]
+            f"cos L{layer}": np.asarray(result.cosine["centred"][str(layer)])[iu]
             for layer in result.cosine["layers"]
         },
     }
 ).sort_values("js")
-print("closest pairs:")
-display(pairs.head(5))
-print("farthest pairs:")
-display(pairs.tail(5).iloc[::-1])
+units = "JS, KL in nats; kl_asym = KL on a's answers - KL on b's; cos: centred cosine"
+display(Table(pairs.head(5).to_dict("records"), title="closest pairs:", flex=()))
+far = pairs.tail(5).iloc[::-1].to_dict("records")
+display(Table(far, title="farthest pairs:", flex=(), footer=[units]))
 
-# %% JS vs cosine, per layer (Spearman rho over persona pairs)
+# %% [markdown]
+# ## JS vs cosine, per layer (Spearman rho over persona pairs)
+
+# %%
 for layer in result.cosine["layers"]:
     cos = np.asarray(result.cosine["centred"][str(layer)])
     show(
@@ -166,46 +226,43 @@ rhos = {
     layer: spearmanr(np.asarray(result.cosine["centred"][str(layer)])[iu], m["js"][iu]).statistic
     for layer in result.cosine["layers"]
 }
-print("Spearman rho (JS vs centred cosine):", {k: round(float(v), 3) for k, v in rhos.items()})
+print("Spearman rho (JS vs centred cosine):", ", ".join(f"L{k} {fmt(v)}" for k, v in rhos.items()))
 
-# %% Statistics: discrimination gate, redundancy with cosine (Mantel), per-question spread
+# %% [markdown]
+# ## Statistics: discrimination gate, redundancy with cosine (Mantel), per-question spread
+
+# %%
 from divscope.stats import analysis as stats
 
 mats, cosines = stats.matrices_from_result(result), stats.cosine_from_result(result)
 analysis = stats.analyze(
     mats,
     cosines,
-    stats.load_leakage(LEAKAGE_FILE) if LEAKAGE_FILE else None,
+    leakage,
     n_perm=999,
     n_boot=500,
 )
-d = analysis["discrimination"]
-print(
-    f"JS over {d['n_pairs']} pairs: mean {d['mean']:.4f}, std {d['std']:.4f}, ratio "
-    f"{d['ratio']:.2f}; gate (std > {d['thresholds']['std']}, ratio > "
-    f"{d['thresholds']['ratio']}): {'pass' if d['pass'] else 'FAIL'}"
-)
-display(
-    pd.DataFrame(analysis["redundancy"]).T[["spearman_rho", "pearson_r", "mantel_p", "redundant"]]
-)
+for item in analysis_summary(analysis):
+    display(item)
 pq = analysis["per_question"]
 display(
-    pd.DataFrame(
-        [
-            {
-                "question": k,
-                "text": next(q.text for q in questions if q.id == k),
-                **{x: v[x] for x in ("js_mean", "js_std", "cv")},
-            }
-            for k, v in pq["questions"].items()
-        ]
+    Table(
+        {
+            "question": k,
+            **{x: v[x] for x in ("js_mean", "js_std", "cv")},
+            "text": next(q.text for q in questions if q.id == k),
+        }
+        for k, v in pq["questions"].items()
     )
 )
 
-# %% Leakage (only with LEAKAGE_FILE): JS vs cosine as predictors, KL asymmetry
+# %% [markdown]
+# ## Leakage (only with LEAKAGE_FILE): JS vs cosine as predictors, KL asymmetry
+
+# %%
 if LEAKAGE_FILE:
     lk = analysis["leakage"]
-    print(f"JS vs leakage over {lk['n_pairs']} directed pairs: rho {lk['js_spearman_rho']:.3f}")
+    print(f"JS vs leakage over {lk['n_pairs']} directed pairs: rho {fmt(lk['js_spearman_rho'])}")
     for key in lk["cosine"]:
         vals = [
             next(c for c in cosines if c.key == key).value(p["source"], p["target"])
@@ -219,14 +276,17 @@ else:
         "predictors of leakage"
     )
 
-# %% Consistency checks (a failed check raises before this cell)
-for name, check in result.checks.items():
-    if isinstance(check, dict):
-        values = ", ".join(f"{k}={v}" for k, v in check.items() if k != "ok")
-        print(f"{'ok  ' if check['ok'] else 'FAIL'} {name}: {values}")
+# %% [markdown]
+# ## Consistency checks (a failed check raises before this cell)
+
+# %%
+display(checks_table(result.checks, CHECK_DESCRIPTIONS))
 print(f"all checks ok: {result.checks['all_ok']}; results in {run_dir}, figures in {fig_dir}")
 
-# %% What changed for the farthest pairs, then a self-contained HTML report of the run
+# %% [markdown]
+# ## What changed for the farthest pairs, then a self-contained HTML report of the run
+
+# %%
 from divscope.personas.explain import explain_run
 from divscope.report.html import build_report
 from divscope.runmeta import atomic_write_json

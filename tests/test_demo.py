@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +67,10 @@ def _check_outputs(work: Path) -> None:
 
 
 def test_demo_script_runs_end_to_end(tmp_path):
+    """Piped output (no terminal): the ranked table shows the top prompt's text, its score and
+    its CI on one line, in the one number format, within 100 columns."""
+    from divscope.report.tables import fmt, fmt_ci
+
     work = _workdir(tmp_path)
     t0 = time.perf_counter()
     proc = _run_script(work, "kl_demo.py", 300)
@@ -73,6 +79,18 @@ def test_demo_script_runs_end_to_end(tmp_path):
     assert "Traceback" not in proc.stderr
     assert elapsed < 120
     _check_outputs(work)
+    run = next((work / "eval_results").iterdir())
+    top = next(
+        p for p in json.loads((run / "ranking.json").read_text())["prompts"] if p["rank"] == 1
+    )
+    score, ci = fmt(top["scores"]["mc_kl"]), fmt_ci(top["ci"]["mc_kl"])
+    rows = [ln for ln in proc.stdout.splitlines() if ln.split()[:2] == ["1", str(top["index"])]]
+    assert len(rows) == 1 and score in rows[0] and ci in rows[0], proc.stdout
+    assert top["prompt"][:30] in rows[0] and len(rows[0]) <= 100
+    assert f"#1 by mc_kl = {score} nats/byte, 95% CI {ci}" in proc.stdout
+    assert "[rows x" not in proc.stdout  # no elided pandas frame
+    long_floats = re.findall(r"\d\.\d{7,}", proc.stdout)  # one format: 4 significant digits
+    assert not long_floats, long_floats
 
 
 def test_demo_runs_as_a_notebook(tmp_path):
@@ -112,6 +130,36 @@ def test_demo_runs_as_a_notebook(tmp_path):
     )
     assert "ranked by mc_kl" in text
     _check_outputs(work)
+    run = next((work / "eval_results").iterdir())
+    top = next(
+        p for p in json.loads((run / "ranking.json").read_text())["prompts"] if p["rank"] == 1
+    )
+    tables = [
+        o["data"]["text/html"]
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "text/html" in o.get("data", {}) and "<table" in o["data"]["text/html"]
+    ]
+    assert any(html.escape(top["prompt"]) in t and "95% CI" in t for t in tables)
+    assert "TqdmWarning" not in text and "IProgress" not in text
+    from nbconvert import HTMLExporter  # the dev extra renders the notebook to HTML
+
+    page = HTMLExporter().from_notebook_node(nb)[0]
+    assert html.escape(top["prompt"]) in page and "## " not in page
+
+
+def test_progress_bars_in_a_notebook_need_no_missing_package(tmp_path):
+    """tqdm.auto in a kernel finds ipywidgets (a dependency): no TqdmWarning."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nprint(sum(tqdm(range(3))))")]
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outs = nb.cells[0].outputs
+    text = "".join(o.get("text", "") for o in outs)
+    assert "3" in text and "TqdmWarning" not in text and "IProgress" not in text, outs
 
 
 def _parameter_lines(script: str) -> list[str]:
@@ -120,8 +168,22 @@ def _parameter_lines(script: str) -> list[str]:
     assert src.startswith("# %% [markdown]")
     assert "sys.path" not in src
     assert not any(ln.lstrip().startswith(("!", "%")) for ln in src.splitlines())
-    params = src.split("# %% Parameters\n", 1)[1].split("# %%", 1)[0]
+    params = src.split("# %% [markdown]\n# ## Parameters\n\n# %%\n", 1)[1].split("# %%", 1)[0]
     return [ln for ln in params.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("script", ["kl_demo.py", "persona_js_demo.py"])
+def test_demo_cell_titles_show_in_the_notebook(script):
+    """Each code cell's title is a markdown heading cell right above it: jupytext keeps a
+    `# %% Title` only as invisible cell metadata, so it would not show in a notebook."""
+    import jupytext
+
+    cells = jupytext.read(ROOT / script).cells
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ")
+    for before, cell in zip(cells, cells[1:], strict=False):
+        assert "title" not in cell.metadata
+        if cell.cell_type == "code":
+            assert before.cell_type == "markdown" and before.source.startswith("## "), cell.source
 
 
 def test_demo_layout_follows_the_style_guide():
@@ -150,9 +212,26 @@ def test_persona_demo_runs_end_to_end(tmp_path):
     run = next((tmp_path / "eval_results").iterdir())
     mats = json.loads((run / "divergence_matrices.json").read_text())
     assert len(mats["personas"]) == 6 and mats["checks"]["all_ok"]
+    _check_persona_printout(proc.stdout, mats)
     figs = {p.name for p in (tmp_path / "figures" / run.name).iterdir()}
     assert {"js.png", "kl_asym.png"} <= figs and any(f.startswith("cosine_l") for f in figs)
     assert any(f.startswith("js_vs_cosine_l") for f in figs)
+
+
+def _check_persona_printout(out: str, mats: dict) -> None:
+    """The farthest pair and its JS on one line of the piped output; 4 significant digits."""
+    import numpy as np
+
+    from divscope.report.tables import fmt
+
+    js, names = np.asarray(mats["js"]), mats["personas"]
+    i, j = np.unravel_index(np.argmax(js), js.shape)
+    pair = f"{names[min(i, j)]} / {names[max(i, j)]}"
+    far = out.split("farthest pairs:", 1)[1].splitlines()
+    assert far[3].startswith(pair) and fmt(js[i, j]) in far[3], out
+    assert "[rows x" not in out and not re.findall(r"\d\.\d{7,}", out), out
+    checks = [ln for ln in out.splitlines() if ln.startswith("ok ")]
+    assert len(checks) >= 6 and all(re.search(r"\w=\S", ln) for ln in checks), out
 
 
 def test_persona_demo_layout_follows_the_style_guide():

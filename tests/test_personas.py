@@ -446,3 +446,26 @@ def test_packaged_model_is_plain_dense_fp32(smol):
     assert linears and all(m.weight.dtype == torch.float32 for m in linears)
     meta = json.loads((Path(resolve_model("smollm2-135m-instruct")) / "divscope.json").read_text())
     assert meta["format"] == CACHE_FORMAT
+
+
+def test_teacher_forcing_and_generation_use_the_current_cache_api(smol, monkeypatch):
+    """No deprecation from transformers: the KV cache goes in and comes out under its current
+    name (``cache``), not ``past_key_values``."""
+    import warnings
+
+    from transformers.utils import generic
+
+    from divscope.models.generate import generate_hf
+    from divscope.models.teacher_force import teacher_force
+
+    said: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(msg))
+    model, tok = smol
+    renderer = PromptRenderer(tok)
+    prompts = [renderer.prompt_ids(p.prompt, "Hi?") for p in load_personas(PERSONAS, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        kv = prompt_kv(model, prompts, layers=[3])
+        got = teacher_force(model, prompts, [1, 2, 3], 0, layers=[3], kv=kv)
+        generate_hf(model, tok, prompts[:1], max_new_tokens=3)
+    assert got.js.shape == (2,) and not [m for m in said if "deprecated" in m], said

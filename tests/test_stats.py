@@ -221,3 +221,43 @@ def test_analyze_never_overwrites_figures_silently(tmp_path, capsys):
     assert (tmp_path / "a.json").read_text() == "{}"
     assert main([*args, "--overwrite"]) == 0
     assert (figs / "js.png").read_bytes() != b"mine"
+
+
+def _subset(m: stats.PersonaMatrices, k: int) -> stats.PersonaMatrices:
+    return stats.PersonaMatrices(m.names[:k], m.js[:k, :k], m.kl[:k, :k], source=m.source)
+
+
+def test_small_samples_are_flagged_and_the_mantel_floor_is_real(reference):
+    """3 personas: a warning that says why (3! orderings bound Mantel p away from 0); the bound
+    holds on random matrices; 11 personas: no warning."""
+    m = stats.load_matrices(REF / "divergence_matrices.json")
+    cos = stats.load_cosine(REF / "cosine_11_l20.json")
+    small = stats.analyze(_subset(m, 3), cos, n_perm=199)
+    assert len(small["warnings"]) == 1 and "only 3 personas (3 pairs)" in small["warnings"][0]
+    assert "below about 0.167" in small["warnings"][0]
+    assert stats.analyze(m, cos, n_perm=99)["warnings"] == []
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        a, b = rng.random((3, 3)), rng.random((3, 3))
+        p = stats.mantel(a + a.T, b + b.T, n_perm=999, seed=int(rng.integers(1 << 30)))["p"]
+        assert p >= 1 / math.factorial(3) - 0.04
+
+
+def test_every_verdict_is_explained(reference, capsys):
+    from divscope.report.tables import VERDICT_NOTES, analysis_summary
+
+    m = stats.load_matrices(REF / "divergence_matrices.json")
+    cos = stats.load_cosine(REF / "cosine_11_l20.json")
+    res = stats.analyze(_subset(m, 3), cos, stats.load_leakage(REF), n_perm=99, n_boot=20)
+    lines = [str(x) for x in analysis_summary(res)]
+    text = "\n".join(lines)
+    gate = next(i for i, ln in enumerate(lines) if ln.startswith("discrimination gate"))
+    assert lines[gate + 1] == VERDICT_NOTES["discrimination"]
+    assert lines[gate + 2].startswith("  PASS" if res["discrimination"]["pass"] else "  FAIL")
+    assert "redundant: |rho| > 0.8" in text and "Mantel p: how often permuting" in text
+    assert "Meng-Rosenthal-Rubin" in text and text.count("warning: only") >= 1
+    assert main(["analyze", "--matrices", str(REF / "divergence_matrices.json"), "--cosine",
+                 str(REF / "cosine_11_l20.json"), "--n-permutations", "99"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert VERDICT_NOTES["discrimination"] in out and "what it tests" in out
+    assert "warning:" not in out  # 11 personas

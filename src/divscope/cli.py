@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -12,9 +14,17 @@ from divscope import __version__
 from divscope.diff.conditions import DiffInputError
 from divscope.estimators.ranking import ALL_METRICS, Ranking, rank_prompts
 from divscope.models.chat import TemplateSeamError
-from divscope.models.load import ModelNotFoundError
+from divscope.models.load import DTYPES, DeviceError, ModelNotFoundError
 from divscope.personas.data import PersonaDataError
 from divscope.report.html import ReportError
+from divscope.report.tables import (
+    analysis_summary,
+    fmt,
+    fmt_ci,
+    printable,
+    ranking_table,
+    shorten,
+)
 from divscope.runmeta import OutputError, atomic_write_json, check_writable, output_error
 from divscope.samples.errors import SampleFileError
 from divscope.samples.read import load_pair, load_samples
@@ -22,16 +32,11 @@ from divscope.samples.write import write_samples_jsonl
 from divscope.sampling.config import ConfigError
 from divscope.stats.analysis import AnalysisInputError
 
-
-def printable(s: str) -> str:
-    """``s`` safe for a terminal: control characters (ESC, BEL, ...), lone surrogates and other
-    non-printable characters shown as escapes (``\\x1b``), never sent raw."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in s)
-
-
-def _short(s: str, n: int) -> str:
-    s = printable(" ".join(s.split()))
-    return s if len(s) <= n else s[: n - 1] + "…"
+DESCRIPTION = (
+    "divscope: where do language-model output distributions differ? KL and JS between two "
+    "models (ranked prompts) and between personas of one model, with the statistics and "
+    "reports around them. Run 'divscope COMMAND --help' for a command's options."
+)
 
 
 def format_ranking(r: Ranking, top: int | None = None) -> str:
@@ -39,29 +44,10 @@ def format_ranking(r: Ranking, top: int | None = None) -> str:
     m = r.metric
     lines = [
         f"models: A = {printable(r.models[0])}   B = {printable(r.models[1])}",
-        f"metric: {m} ({r.units.get(m, '')}); {int(r.ci_level * 100)}% CI: {r.ci_method}",
+        f"metric: {m} ({r.units.get(m, '')}); {round(r.ci_level * 100)}% CI: {r.ci_method}",
     ]
     lines += [f"note: {printable(n)}" for n in r.notes]
-    header = f"{'rank':>4} {'idx':>4} {m:>12} {'ci':>19} {'n_a':>4} {'n_b':>4} {'excl':>5}  prompt"
-    lines += ["", header, "-" * len(header)]
-    ordered = sorted(r.prompts, key=lambda p: (p.rank is None, p.rank or 0, p.index))
-    shown = [p for p in ordered if p.rank is not None][: top or None]
-    shown += [p for p in ordered if p.rank is None]
-    for p in shown:
-        v = p.scores.get(m)
-        ci = p.ci.get(m)
-        ci_s = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
-        v_s = f"{v:.4f}" if v is not None else "-"
-        rank = str(p.rank) if p.rank is not None else "-"
-        excl = f"{p.excluded_responses[0]}/{p.excluded_responses[1]}"
-        text = (
-            _short(p.prompt, 60) if p.rank is not None else f"({p.reason}) {_short(p.prompt, 40)}"
-        )
-        lines.append(
-            f"{rank:>4} {p.index:>4} {v_s:>12} {ci_s:>19} {p.n_responses[0]:>4} "
-            f"{p.n_responses[1]:>4} {excl:>5}  {text}"
-        )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", ranking_table(r, top).text()])
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
@@ -84,9 +70,18 @@ def _cmd_rank(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in (".jsonl", ".npz"):  # checked before the input is read
+        raise SampleFileError(
+            args.output,
+            f"the output format follows the extension, and {suffix or 'no extension'} is none "
+            "of .jsonl (divscope JSONL) or .npz (packed arrays)",
+            f"name it {Path(args.output).with_suffix('.jsonl')} or "
+            f"{Path(args.output).with_suffix('.npz')}",
+        )
     check_writable(Path(args.output), overwrite=args.overwrite)
     samples = load_samples(args.input)
-    if Path(args.output).suffix.lower() == ".npz":
+    if suffix == ".npz":
         from divscope.samples.packed import write_samples_packed
 
         out = write_samples_packed(samples, args.output, overwrite=args.overwrite)
@@ -110,11 +105,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_personas(args: argparse.Namespace) -> int:
+    from divscope import defaults
     from divscope.personas.data import load_personas, load_questions
     from divscope.personas.pipeline import PersonaCheckError, run_personas, write_outputs
 
-    personas = load_personas(args.personas, args.n_personas)
-    questions = load_questions(args.questions, args.n_questions)
+    personas = load_personas(args.personas or defaults.PERSONAS, args.n_personas)
+    questions = load_questions(args.questions or defaults.QUESTIONS, args.n_questions)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     from divscope.models.load import load_model
 
@@ -160,9 +156,9 @@ def _cmd_personas(args: argparse.Namespace) -> int:
     )
     print(f"{n} personas x {len(questions)} questions, model {args.model}; checks ok")
     for v, a, b in pairs[:3]:
-        print(f"  farthest: {a} vs {b}: JS {v:.4f} nats")
+        print(f"  farthest: {a} vs {b}: JS {fmt(v)} nats")
     for v, a, b in pairs[-3:][::-1]:
-        print(f"  closest:  {a} vs {b}: JS {v:.4f} nats")
+        print(f"  closest:  {a} vs {b}: JS {fmt(v)} nats")
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
@@ -174,7 +170,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     a = parse_spec(args.a, args.system_a, args.dtype)
     b = parse_spec(args.b, args.system_b, args.dtype)
-    prompts = read_prompts(args.prompts, args.max_prompts)
+    from divscope import defaults
+
+    prompts = read_prompts(args.prompts or defaults.PROMPTS, args.max_prompts)
     out = Path(args.out)
     clash = [f for f in FILES if (out / f).exists()]
     if clash and not args.overwrite:
@@ -201,9 +199,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     for note in r.notes[:1] if not result.units else []:
         print(f"  note: {note}")
     for p in sorted((p for p in r.prompts if p.rank is not None), key=lambda p: p.rank)[:5]:
-        ci = p.ci.get(m) or [float("nan")] * 2
-        print(f"  #{p.rank}: {m} {p.scores[m]:.4g} [{ci[0]:.4g}, {ci[1]:.4g}] {unit}  "
-              f"{_short(p.prompt, 60)}")  # fmt: skip
+        print(f"  #{p.rank}: {m} {fmt(p.scores[m])} {fmt_ci(p.ci.get(m))} {unit}  "
+              f"{shorten(p.prompt, 60)}")  # fmt: skip
     s = result.summary.get("on_a_samples")
     if s:
         print(
@@ -226,8 +223,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from divscope.stats import analysis as stats
 
     matrices = stats.load_matrices(args.matrices)
-    cosines = [c for f in args.cosine for c in stats.load_cosine(f)]
     leakage = stats.load_leakage(args.leakage) if args.leakage else None
+    cosines = [
+        c
+        for f in args.cosine
+        for c in stats.check_cosine_fits(f, stats.load_cosine(f), matrices, bool(leakage))
+    ]
     result = stats.analyze(
         matrices,
         cosines,
@@ -238,31 +239,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         n_boot=args.n_bootstrap,
         seed=args.seed,
     )
-    d = result["discrimination"]
-    print(
-        f"discrimination: JS mean {d['mean']:.4f}, std {d['std']:.4f} (gate > "
-        f"{d['thresholds']['std']}: {'pass' if d['pass_std'] else 'FAIL'}), ratio "
-        f"{d['ratio']:.2f} (gate > {d['thresholds']['ratio']}: "
-        f"{'pass' if d['pass_ratio'] else 'FAIL'}) -> {'PASS' if d['pass'] else 'FAIL'}"
-    )
-    for k, v in result["redundancy"].items():
-        print(
-            f"redundancy JS vs {k}: rho {v['spearman_rho']:.3f}, Mantel p {v['mantel_p']:.4g}"
-            f"{' (redundant)' if v['redundant'] else ''}"
-        )
-    if "leakage" in result:
-        lk = result["leakage"]
-        print(
-            f"leakage ({lk['n_pairs']} directed pairs): JS rho {lk['js_spearman_rho']:.3f} "
-            f"(p {lk['js_spearman_p']:.2g})"
-        )
-        for k, v in lk["cosine"].items():
-            cmp = v.get("comparison") or {}
-            print(
-                f"  cosine {k}: rho {v['spearman_rho']:.3f}; |rho_JS| - rho_cos = "
-                f"{cmp.get('difference', float('nan')):.3f}, MRR z {cmp.get('statistic', 0):.2f}"
-                f", p {cmp.get('p', float('nan')):.3g}"
-            )
+    for item in analysis_summary(result):
+        print(item)
     if args.json:
         atomic_write_json(Path(args.json), result, overwrite=args.overwrite)
         print(f"wrote {args.json}")
@@ -328,30 +306,87 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help with each option's default, unless it has none or the help text gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS:
+            return text
+        if "default" in text or not text:
+            return text
+        return f"{text} (default: {default})"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (anything else is refused with a message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {value})")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+POSITIVE = _at_least(1)
+
+
+def _command(sub: Any, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:  # noqa: A002
+    """A subcommand whose ``--help`` opens with its one-line summary (unless it has more)."""
+    kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+    return sub.add_parser(name, help=help, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and the tests)."""
-    p = argparse.ArgumentParser(prog="divscope", description=__doc__)
+    p = _Parser(prog="divscope", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"divscope {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    r = sub.add_parser("rank", help="rank prompts by how differently two models answer")
+    r = _command(sub, "rank", help="rank prompts by how differently two models answer")
     r.add_argument("file_a", help="samples of model A (.pkl, .json or .jsonl)")
     r.add_argument("file_b", help="samples of model B on the same prompts")
     r.add_argument(
         "--metric",
         choices=ALL_METRICS,
+        metavar="METRIC",
         default=None,
-        help="score to rank by (default: the best the files support)",
+        help=f"score to rank by: {', '.join(ALL_METRICS)} (default: the best the files support)",
     )
-    r.add_argument("--top", type=int, default=None, help="show only the N most different")
-    r.add_argument("--max-prompts", type=int, default=None, help="score only the first K prompts")
+    r.add_argument(
+        "--top", type=POSITIVE, default=None, help="show only the N most different (default: all)"
+    )
+    r.add_argument(
+        "--max-prompts",
+        type=POSITIVE,
+        default=None,
+        help="score only the first K prompts (default: all)",
+    )
     r.add_argument("--json", default=None, help="also write the full result as JSON here")
     r.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
-    r.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for legacy_aligned CIs")
+    r.add_argument(
+        "--n-bootstrap",
+        type=POSITIVE,
+        default=1000,
+        help="bootstrap resamples for legacy_aligned's CIs (default: 1000)",
+    )
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     r.set_defaults(func=_cmd_rank)
 
-    s = sub.add_parser("sample", help="sample responses with logprobs (and cross-score them)")
+    s = _command(sub, "sample", help="sample responses with logprobs (and cross-score them)")
     s.add_argument("--config", required=True, help="YAML config (see experiments/configs/)")
     s.add_argument(
         "--new",
@@ -362,31 +397,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_sample)
 
-    pe = sub.add_parser("personas", help="teacher-forced JS/KL matrices between personas")
+    pe = _command(sub, "personas", help="teacher-forced JS/KL matrices between personas")
     pe.add_argument(
         "--model",
         default="smollm2-135m-instruct",
         help="hub name, local path, or smollm2-135m-instruct / gemma3-270m",
     )
-    pe.add_argument("--personas", default="data/personas/core.yaml")
-    pe.add_argument("--questions", default="data/questions/eval20.yaml")
-    pe.add_argument("--n-personas", type=int, default=None, help="the first K personas")
-    pe.add_argument("--n-questions", type=int, default=None, help="the first Q questions")
-    pe.add_argument("--max-new-tokens", type=int, default=48)
+    pe.add_argument(
+        "--personas",
+        default=None,
+        help="YAML with personas: [{name, prompt}] (default: the 12 that ship with divscope)",
+    )
+    pe.add_argument(
+        "--questions",
+        default=None,
+        help="YAML with questions: [{id, text, category}] (default: the 20 that ship with "
+        "divscope)",
+    )
+    pe.add_argument(
+        "--n-personas", type=_at_least(2), default=None, help="the first K personas (default: all)"
+    )
+    pe.add_argument(
+        "--n-questions", type=POSITIVE, default=None, help="the first Q questions (default: all)"
+    )
+    pe.add_argument("--max-new-tokens", type=POSITIVE, default=48, help="tokens per answer")
     pe.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    pe.add_argument("--top-p", type=float, default=1.0)
-    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    pe.add_argument("--seed", type=int, default=0, help="sampling seed")
     pe.add_argument(
         "--layers",
         default=None,
         help="comma-separated hidden_states indices (default: 4 evenly spaced)",
     )
-    pe.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    pe.add_argument(
+        "--backend", choices=("hf", "vllm"), default="hf", help="generation: transformers or vLLM"
+    )
     pe.add_argument("--device", default="cpu", help="cpu or cuda")
-    pe.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    pe.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights")
     pe.add_argument(
         "--explain-pairs",
-        type=int,
+        type=_at_least(0),
         default=2,
         help="write token-level explanations of the N farthest pairs (0: none)",
     )
@@ -395,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
     pe.set_defaults(func=_cmd_personas)
 
-    d = sub.add_parser(
+    d = _command(
+        sub,
         "diff",
         help="exact KL/JS between two local models (base vs fine-tuned or quantized)",
         description="Sample from two conditions, teacher-force every response under both, "
@@ -405,67 +456,117 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--a", required=True, metavar="SPEC", help="condition A (the base)")
     d.add_argument("--b", required=True, metavar="SPEC", help="condition B (the variant)")
-    d.add_argument("--prompts", required=True, help="JSONL with prompt (and category) per line")
-    d.add_argument("--samples", type=int, default=4, help="responses per prompt and side (4)")
-    d.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response (48)")
-    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
-    d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0)")
-    d.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (0)")
-    d.add_argument("--system-a", default=None, help="system prompt of A (none)")
-    d.add_argument("--system-b", default=None, help="system prompt of B (none)")
+    d.add_argument(
+        "--prompts",
+        default=None,
+        help="JSONL with prompt (and category) per line (default: the 72 prompts that ship "
+        "with divscope)",
+    )
+    d.add_argument("--samples", type=POSITIVE, default=4, help="responses per prompt and side")
+    d.add_argument("--max-new-tokens", type=POSITIVE, default=48, help="tokens per response")
+    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    d.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    d.add_argument("--system-a", default=None, help="system prompt of A (default: none)")
+    d.add_argument("--system-b", default=None, help="system prompt of B (default: none)")
     d.add_argument(
         "--metric",
         default=None,
         help="rank by kl, kl_ab, kl_ba, js, js_ab, js_ba, mc_kl, mc_kl_ab or mc_kl_ba (default: "
         "kl; mc_kl per byte when the tokenizers differ)",
     )
-    d.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
-    d.add_argument("--max-prompts", type=int, default=None, help="the first K prompts")
-    d.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation (hf)")
-    d.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
-    d.add_argument("--dtype", default="float32", help="default dtype of both specs (float32)")
+    d.add_argument("--n-bootstrap", type=POSITIVE, default=1000, help="bootstrap resamples")
+    d.add_argument(
+        "--max-prompts", type=POSITIVE, default=None, help="the first K prompts (default: all)"
+    )
+    d.add_argument(
+        "--backend", choices=("hf", "vllm"), default="hf", help="generation: transformers or vLLM"
+    )
+    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="dtype of both specs unless they say"
+    )
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_diff)
 
-    a = sub.add_parser("analyze", help="statistics: JS vs cosine vs leakage")
-    a.add_argument("--matrices", required=True, help="divergence_matrices.json")
-    a.add_argument("--cosine", action="append", default=[], help="cosine file (repeatable)")
-    a.add_argument("--leakage", default=None, help="leakage CSV, marker_eval file or directory")
+    a = _command(sub, "analyze", help="statistics: JS vs cosine vs leakage")
+    a.add_argument(
+        "--matrices",
+        required=True,
+        help="divergence_matrices.json of a persona run (or the reference's format)",
+    )
+    a.add_argument(
+        "--cosine",
+        action="append",
+        default=[],
+        help="cosine file: a run's cosine.json, {cosine_matrix_l<k>, persona_names}, or "
+        "per-pair cosine (with --leakage); repeatable (default: none)",
+    )
+    a.add_argument(
+        "--leakage",
+        default=None,
+        help="leakage: CSV source,target,rate[,found,total], a marker_eval_<source>.json, or a "
+        "directory of them (default: none)",
+    )
     a.add_argument("--json", default=None, help="write the analysis here")
     a.add_argument("--figures", default=None, help="write figures into this directory")
     a.add_argument(
         "--overwrite", action="store_true", help="allow replacing --json and --figures outputs"
     )
-    a.add_argument("--std-threshold", type=float, default=0.05, help="discrimination gate")
-    a.add_argument("--ratio-threshold", type=float, default=3.0, help="discrimination gate")
-    a.add_argument("--n-permutations", type=int, default=9999, help="Mantel permutations")
-    a.add_argument("--n-bootstrap", type=int, default=2000, help="bootstrap resamples")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument(
+        "--std-threshold",
+        type=float,
+        default=0.05,
+        help="discrimination gate: the std of JS over pairs must exceed this [nats]",
+    )
+    a.add_argument(
+        "--ratio-threshold",
+        type=float,
+        default=3.0,
+        help="discrimination gate: max / min JS over pairs must exceed this",
+    )
+    a.add_argument("--n-permutations", type=POSITIVE, default=9999, help="Mantel permutations")
+    a.add_argument("--n-bootstrap", type=POSITIVE, default=2000, help="bootstrap resamples")
+    a.add_argument("--seed", type=int, default=0, help="permutation and bootstrap seed")
     a.set_defaults(func=_cmd_analyze)
 
-    rp = sub.add_parser("report", help="a self-contained HTML (or Markdown) report of a run")
+    rp = _command(sub, "report", help="a self-contained HTML (or Markdown) report of a run")
     rp.add_argument("run_dir", help="a ranking run (ranking.json) or a persona run directory")
     rp.add_argument("--out", default=None, help="output file (default RUN_DIR/report.html)")
-    rp.add_argument("--format", choices=("html", "md", "both"), default="html")
+    rp.add_argument(
+        "--format", choices=("html", "md", "both"), default="html", help="report format"
+    )
     rp.add_argument("--overwrite", action="store_true", help="replace an existing report")
     rp.set_defaults(func=_cmd_report)
 
-    c = sub.add_parser(
+    c = _command(
+        sub,
         "convert",
         help="convert a sample file to divscope JSONL, or to the packed .npz that loads fast",
     )
-    c.add_argument("input")
+    c.add_argument("input", help="a sample file (.pkl, .json, .jsonl or .npz)")
     c.add_argument("output", help="OUTPUT.jsonl (JSONL) or OUTPUT.npz (packed arrays)")
     c.add_argument("--overwrite", action="store_true", help="allow replacing OUTPUT")
     c.set_defaults(func=_cmd_convert)
     return p
 
 
+def _no_library_progress_bars() -> None:
+    """--quiet: transformers' "Loading weights" and the hub's download bars stay hidden too."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``divscope`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        _no_library_progress_bars()
     try:
         return args.func(args)
     except SampleFileError as e:
@@ -479,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         ReportError,
         DiffInputError,
         ModelNotFoundError,
+        DeviceError,
     ) as e:
         print(f"divscope: error: {e}", file=sys.stderr)
         return 2

@@ -192,7 +192,9 @@ def _direction_terms(
 ) -> _Direction | None:
     if not responses or not all(other in r.cross for r in responses):
         return None
-    if coarse is None:
+    if per_byte:  # two vocabularies: no top-k bound (it compares one vocabulary's tokens)
+        coarse = {}
+    elif coarse is None:
         coarse = coarse_sums(responses, other)
     mc_sum, mc_cnt, kl_sum, js_sum, pos_cnt = [], [], [], [], []
     missing = 0
@@ -440,19 +442,17 @@ def _rank_prompts(
     check_same_prompts(a, b)
     if a.vocab is not b.vocab:
         raise ValueError("load both files with one TokenVocab (use divscope.samples.load_pair)")
+    if max_prompts is not None and max_prompts < 1:
+        raise ValueError(f"max_prompts must be at least 1 (got {max_prompts})")
+    per_byte = two_tokenizers(a, b)
     avail = available_metrics(a, b)
-    metric = _checked_metric(metric, avail, a.path)
-    per_byte = any(
-        not c.aligned
-        for s in (a, b)
-        for rec in s.records
-        for r in rec.usable
-        for c in r.cross.values()
-    )
+    metric = _checked_metric(metric, avail, a.path, per_byte)
     rng = np.random.default_rng(seed)
     n = len(a.records) if max_prompts is None else min(max_prompts, len(a.records))
-    coarse = coarse_sums([r for rec in a.records[:n] for r in rec.usable], b.model)
-    coarse |= coarse_sums([r for rec in b.records[:n] for r in rec.usable], a.model)
+    coarse: dict[int, tuple[float, float, int]] = {}
+    if not per_byte:  # the top-k bounds compare one vocabulary's distributions
+        coarse = coarse_sums([r for rec in a.records[:n] for r in rec.usable], b.model)
+        coarse |= coarse_sums([r for rec in b.records[:n] for r in rec.usable], a.model)
     prompts = [
         score_prompt(
             ra,
@@ -482,20 +482,43 @@ def _rank_prompts(
     )
 
 
-def _checked_metric(metric: str | None, avail: list[str], path: Path) -> str:
-    """``metric``, or the best available when None; raises when it is unknown or unavailable."""
+def two_tokenizers(a: SampleSet, b: SampleSet) -> bool:
+    """Whether the files' cross-scores say the two models tokenize differently (some
+    response's cross-score is not token-aligned): then only per-byte ``mc_kl`` exists."""
+    return any(
+        not c.aligned
+        for s in (a, b)
+        for rec in s.records
+        for r in rec.usable
+        for c in r.cross.values()
+    )
+
+
+def _checked_metric(metric: str | None, avail: list[str], path: Path, per_byte: bool) -> str:
+    """``metric``, or the best available when None; raises when it is unknown or unavailable,
+    with the reason: no cross-scores, two tokenizers, or no top-k in the cross-scores."""
     if metric is None:
         return avail[0]
     if metric not in ALL_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(ALL_METRICS)}")
-    if metric not in avail:
-        raise SampleFileError(
-            path,
-            f"metric {metric!r} needs cross-scores these files do not carry "
-            f"(available: {', '.join(avail)})",
-            "re-sample with `divscope sample` and cross_score: true, or choose an available metric",
+    if metric in avail:
+        return metric
+    crossed = any(m.startswith("mc_kl") for m in avail)
+    if not crossed or metric.startswith("mc_kl"):
+        why = "needs cross-scores these files do not carry"
+        fix = (
+            "re-sample with `divscope sample` and cross_score: true, or choose an available metric"
         )
-    return metric
+    elif per_byte:
+        why = (
+            "compares the two models' next-token distributions over one vocabulary, and these "
+            "models' tokenizers differ (their cross-scores are per text, not per token)"
+        )
+        fix = "choose an available metric; re-sampling would not help"
+    else:
+        why = "needs top-k logprobs in both directions' cross-scores, which these files lack"
+        fix = "re-sample with top_logprobs > 0 and cross_score: true, or choose an available metric"
+    raise SampleFileError(path, f"metric {metric!r} {why} (available: {', '.join(avail)})", fix)
 
 
 def _units_and_notes(
@@ -519,7 +542,8 @@ def _units_and_notes(
     if per_byte:
         notes.append(
             "the models' tokenizers differ: mc_kl compares sequence log-probabilities "
-            "of the same text, per byte"
+            "of the same text, per byte; the top-k bounds compare one vocabulary's "
+            "next-token distributions and do not exist here"
         )
     if excluded:
         notes.append(f"{excluded} response(s) without logprobs were excluded (never scored as 0)")

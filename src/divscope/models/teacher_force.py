@@ -20,8 +20,10 @@ response tokens against them (padded prompt slots masked, true position ids).
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,11 +233,11 @@ def prompt_kv(
         out = body(
             input_ids=ids,
             position_ids=pos,
-            past_key_values=DynamicCache(config=model.config),
+            **cache_kwarg(body, DynamicCache(config=model.config)),
             use_cache=True,
             output_hidden_states=bool(layers),
         )
-        cache = out.past_key_values
+        cache = returned_cache(out)
         for li, layer in enumerate(cache.layers):
             if start == 0:
                 shape = (n, layer.keys.shape[1], longest, layer.keys.shape[3])
@@ -251,6 +253,20 @@ def prompt_kv(
                 hidden[rows, k] = out.hidden_states[layer][sel, at].float().cpu().numpy()
     prompts = [list(p) for p in prompts]
     return PromptKV(keys, values, last, lengths, prompts, list(layers) if layers else None, hidden)
+
+
+def cache_kwarg(body: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The KV cache as the keyword this transformers takes: ``cache`` (the current API), or
+    ``past_key_values`` on versions before the rename."""
+    params = inspect.signature(body.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``out.cache``; ``out.past_key_values`` before the
+    rename)."""
+    cache = getattr(type(out), "__dataclass_fields__", {}).get("cache")
+    return out.cache if cache is not None else out.past_key_values
 
 
 def response_states(
@@ -316,7 +332,7 @@ def _response_states_from_kv(
             input_ids=ids[:, c0:c1],
             attention_mask=mask[:, : lp + c1],
             position_ids=pos[:, c0:c1],
-            past_key_values=cache,
+            **cache_kwarg(body, cache),
             use_cache=True,
         )
         states.append(out.last_hidden_state)

@@ -57,7 +57,19 @@ def load_personas(path: str | Path, n: int | None = None) -> list[Persona]:
     if len(set(names)) != len(names):
         dup = next(x for x in names if names.count(x) > 1)
         raise PersonaDataError(f"{path}: persona name {dup!r} appears twice. Fix: rename one")
-    return out[:n] if n else out
+    return _first(out, n, path, "personas")
+
+
+def _first(entries: list[Any], n: int | None, path: str | Path, what: str) -> list[Any]:
+    """The first ``n`` entries (all for None); an error when the file has fewer."""
+    if n is None:
+        return entries
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(entries):
+        raise PersonaDataError(
+            f"asked for {n!r} {what}, and {path} has {len(entries)}. "
+            f"Fix: ask for 1 to {len(entries)} (None: all), or add {what} to the file"
+        )
+    return entries[:n]
 
 
 def load_questions(path: str | Path, n: int | None = None) -> list[Question]:
@@ -72,4 +84,4 @@ def load_questions(path: str | Path, n: int | None = None) -> list[Question]:
                 "Fix: write {id: ..., text: ..., category: ...}"
             )
         out.append(Question(str(e.get("id", f"q{i:02d}")), e["text"], e.get("category")))
-    return out[:n] if n else out
+    return _first(out, n, path, "questions")

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from divscope.report.tables import fmt
+
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
 h1{font-size:1.5em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -73,12 +75,11 @@ def _category_rows(summary: list[dict[str, Any]]) -> list[list[Any]]:
     return [[c["category"], c["n"], c["mean"], c["ci_low"], c["ci_high"]] for c in summary]
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def _fmt(v: Any) -> str:
+    """A cell's text: numbers in the one format of :func:`divscope.report.tables.fmt`."""
     if v is None:
         return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
-    return str(v)
+    return fmt(v) if isinstance(v, float) else str(v)
 
 
 def table(
@@ -419,10 +420,19 @@ def _token_infos(
 
 def _persona_report(run: Path, page: Page) -> None:
     mats = json.loads((run / "divergence_matrices.json").read_text())
-    gens = json.loads((run / "generations.json").read_text())
+    gens_path = run / "generations.json"
+    gens = json.loads(gens_path.read_text()) if gens_path.exists() else {}
     cosine = (
         json.loads((run / "cosine.json").read_text()) if (run / "cosine.json").exists() else None
     )
+    if isinstance(mats, dict) and "persona_names" in mats and "js_matrix" in mats:
+        mats, cosine = _reference_matrices(run, mats), _reference_cosine(run, mats["persona_names"])
+    if not (isinstance(mats, dict) and {"personas", "js", "kl_sym", "kl_asym"} <= set(mats)):
+        raise ReportError(
+            f"{run / 'divergence_matrices.json'}: neither divscope's persona matrices nor the "
+            "published reference's {persona_names, js_matrix, kl_matrix}. Fix: pass the "
+            "directory of a persona run (persona_js_demo.py or divscope personas)"
+        )
     _persona_summary(mats, page)
     rows = _persona_pairs(mats, cosine, page)
     _persona_categories(run, gens, page)
@@ -436,6 +446,57 @@ def _persona_report(run: Path, page: Page) -> None:
         page.para(
             "no explain.json in this run (divscope personas --explain-pairs N writes it)", "muted"
         )
+
+
+def _reference_matrices(run: Path, d: dict[str, Any]) -> dict[str, Any]:
+    """The published reference's matrices in divscope's shape. Its ``kl_asym_matrix`` holds
+    absolute values, so the signed asymmetry is recomputed from ``kl_matrix``
+    (``kl[a][b] = KL(P_a||P_b)`` on a's answers), as :func:`divscope.stats.analysis.load_matrices`
+    reads it."""
+    if "kl_matrix" not in d:
+        raise ReportError(
+            f"{run / 'divergence_matrices.json'}: the reference format without kl_matrix. "
+            "Fix: use divscope analyze for its JS statistics"
+        )
+    kl = np.asarray(d["kl_matrix"], dtype=float)
+    meta = d.get("metadata", {})
+    return {
+        "personas": list(d["persona_names"]),
+        "js": d["js_matrix"],
+        "kl_sym": (0.5 * (kl + kl.T)).tolist(),
+        "kl_asym": (kl - kl.T).tolist(),
+        "checks": {},
+        "metadata": {
+            "model": meta.get("model"),
+            "created": meta.get("timestamp"),
+            "git_commit": meta.get("git_commit"),
+            "parameters": {"n_questions": meta.get("n_questions")},
+            "warnings": [
+                "a run in the published reference's format: its consistency checks were not "
+                "recorded; KL asymmetry is recomputed signed from kl_matrix"
+            ],
+        },
+    }
+
+
+def _reference_cosine(run: Path, names: list[str]) -> dict[str, Any] | None:
+    """Centred cosine from the reference's ``{cosine_matrix_l<k>, persona_names}`` files that
+    cover every persona, in ``cosine.json``'s shape (None when there is none)."""
+    import re
+
+    out: dict[str, Any] = {"layers": [], "centred": {}}
+    for f in sorted(run.glob("cosine_*.json")):
+        d = json.loads(f.read_text())
+        if not (isinstance(d, dict) and set(names) <= set(d.get("persona_names", []))):
+            continue
+        idx = [d["persona_names"].index(n) for n in names]
+        for k, m in d.items():
+            if re.fullmatch(r"cosine_matrix_l\d+", k):
+                layer = int(k.rsplit("_l", 1)[1])
+                out["layers"].append(layer)
+                out["centred"][str(layer)] = np.asarray(m)[np.ix_(idx, idx)].tolist()
+    out["layers"].sort()
+    return out if out["layers"] else None
 
 
 def _persona_summary(mats: dict[str, Any], page: Page) -> None:
@@ -567,23 +628,13 @@ def _cosine_by_layer(
     cosine: dict[str, Any], names: list[str], rows: list[list[Any]], page: Page
 ) -> None:
     """Centred cosine per layer for the 5 farthest and 3 closest pairs by JS."""
-    import matplotlib.pyplot as plt
-
     from divscope.personas.explain import pair_cosine_by_layer
+    from divscope.report.persona_plots import cosine_by_layer
 
-    layers = [str(x) for x in cosine["layers"]]
     page.heading("Cosine by layer")
     curves = pair_cosine_by_layer(cosine, names)
     top = [f"{r[0]}|{r[1]}" for r in rows[:5]] + [f"{r[0]}|{r[1]}" for r in rows[-3:]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in dict.fromkeys(top):
-        ax.plot([int(x) for x in layers], curves[key], marker="o", label=key)
-    ax.set(
-        xlabel="hidden_states index",
-        ylabel="centred cosine",
-        title="cosine by layer: the 5 farthest and 3 closest pairs by JS",
-    )
-    ax.legend(fontsize=7)
+    fig = cosine_by_layer(curves, [int(x) for x in cosine["layers"]], top)
     page.figure("cosine_by_layer", fig, "per persona pair")
 
 
@@ -654,17 +705,23 @@ def build_report(
     from divscope.runmeta import atomic_write, atomic_write_text
 
     run = Path(run_dir)
+    if run.is_file():
+        raise ReportError(
+            f"{run} is a file; the report reads a run directory (its ranking.json or persona "
+            f"files with their metadata). Fix: pass its directory, {run.parent}"
+        )
+    if not run.is_dir():
+        raise ReportError(f"{run}: no such directory. Fix: pass a run directory")
     if (run / "ranking.json").exists():
         page = Page(f"divscope — prompt ranking: {run.name}")
         builder = _ranking_report
-    elif (run / "divergence_matrices.json").exists() and (run / "generations.json").exists():
+    elif (run / "divergence_matrices.json").exists():
         page = Page(f"divscope — persona divergence: {run.name}")
         builder = _persona_report
     else:
         raise ReportError(
-            f"{run}: neither ranking.json nor divergence_matrices.json + "
-            "generations.json. Fix: pass the directory of a kl_demo / divscope "
-            "rank --json run or of a persona run"
+            f"{run}: neither ranking.json nor divergence_matrices.json. Fix: pass the "
+            "directory of a kl_demo / divscope rank --json run or of a persona run"
         )
     if fmt not in ("html", "md", "both"):
         raise ValueError("format must be html, md or both")

@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from divscope.report.plots import _axes
+from divscope.report.plots import _axes, _layout, label_points, rotate_ticks
 
 
 def cluster_order(distance: np.ndarray) -> list[int]:
@@ -39,7 +39,8 @@ def matrix_heatmap(
     order = order or list(range(len(names)))
     m = np.asarray(matrix, dtype=float)[np.ix_(order, order)]
     n = len(names)
-    fig, ax = _axes(ax, (1.8 + 0.55 * n, 1.2 + 0.5 * n))
+    longest = max((len(x) for x in names), default=0)  # the tick labels take room too
+    fig, ax = _axes(ax, (2.4 + 0.6 * n + 0.07 * longest, 1.6 + 0.55 * n + 0.05 * longest))
     kw = {"cmap": "RdBu_r", "center": 0.0} if diverging else {"cmap": "viridis"}
     sns.heatmap(
         m,
@@ -53,10 +54,27 @@ def matrix_heatmap(
         square=True,
         **kw,
     )
-    ax.set_title(title)
-    ax.set_xticklabels(ax.get_xticklabels(), rotation=45, ha="right")
-    fig.tight_layout()
+    rotate_ticks(ax, 45)
+    _layout(fig, ax, title)
+    _fit_cell_text(ax, n)
     return fig
+
+
+def _fit_cell_text(ax: Axes, n: int) -> None:
+    """Shrink the cell annotations until each fits its cell (dropped below 5 pt)."""
+    if not ax.texts:
+        return
+    renderer = ax.figure.canvas.get_renderer()
+    cell = ax.get_window_extent(renderer).width / n
+    widest = max(t.get_window_extent(renderer).width for t in ax.texts)
+    if widest <= 0.9 * cell:
+        return
+    size = ax.texts[0].get_fontsize() * 0.9 * cell / widest
+    for t in list(ax.texts):
+        if size < 5:
+            t.remove()
+        else:
+            t.set_fontsize(size)
 
 
 def js_vs_cosine(
@@ -68,18 +86,23 @@ def js_vs_cosine(
     kind: str = "centred",
     ax: Axes | None = None,
 ) -> Figure:
-    """Upper-triangle JS against cosine for one layer, with Spearman's rho in the title."""
+    """Upper-triangle JS against cosine for one layer, with Spearman's rho in the title; up to
+    12 pairs are labelled where a label fits, the farthest and closest by JS first."""
     from scipy.stats import spearmanr
 
     iu = np.triu_indices(len(names), 1)
     x, y = np.asarray(cosine)[iu], np.asarray(js)[iu]
-    fig, ax = _axes(ax, (4.5, 4))
+    fig, ax = _axes(ax, (5.5, 4.5))
     ax.scatter(x, y, s=18)
     rho = spearmanr(x, y).statistic if len(x) > 2 else float("nan")
     ax.set_xlabel(f"{kind} cosine, hidden_states[{layer}]")
     ax.set_ylabel("JS [nats]")
-    ax.set_title(f"layer {layer}: Spearman rho = {rho:.2f} (n = {len(x)} pairs)")
-    fig.tight_layout()
+    ax.margins(0.15)
+    _layout(fig, ax, f"layer {layer}: Spearman rho = {rho:.2f} (n = {len(x)} pairs)")
+    by_js = np.argsort(-y)
+    order = [int(k) for pair in zip(by_js, by_js[::-1], strict=True) for k in pair]
+    labels = [f"{names[i]}/{names[j]}" for i, j in zip(*iu, strict=True)]
+    label_points(ax, x, y, labels, order=list(dict.fromkeys(order)), limit=12)
     return fig
 
 
@@ -115,7 +138,7 @@ def leakage_side_by_side(
     axes[0].set_ylabel("leakage rate (source -> target)")
     for s in sources:
         axes[1].scatter([], [], c=colors[s], label=s, s=20)
-    axes[1].legend(title="source", fontsize=7, loc="best")
+    axes[1].legend(title="source", fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     cmp = cos_entry.get("comparison")
     if cmp:
         fig.suptitle(
@@ -131,21 +154,38 @@ def leakage_side_by_side(
 def kl_asymmetry_vs_leakage(kl_result: dict, ax: Axes | None = None) -> Figure:
     """Signed KL asymmetry against signed leakage asymmetry (``analyze(...)["kl_asymmetry"]``)."""
     rows = kl_result.get("pairs", [])
-    fig, ax = _axes(ax, (4.8, 4))
+    fig, ax = _axes(ax, (5.5, 4.5))
     x = [r["kl_asym"] for r in rows]
     y = [r["leak_asym"] for r in rows]
     ax.scatter(x, y, s=22)
-    for r in rows:
-        ax.annotate(f"{r['a']}/{r['b']}", (r["kl_asym"], r["leak_asym"]), fontsize=6)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("KL(P_a||P_b) - KL(P_b||P_a) [nats]")
     ax.set_ylabel("leak(a->b) - leak(b->a)")
+    ax.margins(0.15)
     rho = (kl_result.get("signed") or {}).get("spearman_rho")
-    ax.set_title(
+    _layout(
+        fig,
+        ax,
         f"KL vs leakage asymmetry (n = {len(rows)}, rho = {rho:.2f})"
         if rho is not None
-        else "KL vs leakage asymmetry"
+        else "KL vs leakage asymmetry",
     )
-    fig.tight_layout()
+    order = np.argsort(-np.hypot(np.asarray(x, float), np.asarray(y, float)))
+    label_points(ax, x, y, [f"{r['a']}/{r['b']}" for r in rows], order=order.tolist())
+    return fig
+
+
+def cosine_by_layer(
+    curves: dict[str, list[float]], layers: list[int], keys: list[str], ax: Axes | None = None
+) -> Figure:
+    """Centred cosine across layers for the persona pairs ``keys`` (``"a|b"`` of ``curves``,
+    e.g. :func:`divscope.personas.explain.pair_cosine_by_layer`); the legend sits beside the
+    axes, never over a line."""
+    fig, ax = _axes(ax, (8, 4))
+    for key in dict.fromkeys(keys):
+        ax.plot(layers, curves[key], marker="o", label=key.replace("|", " / "))
+    ax.set(xlabel="hidden_states index", ylabel="centred cosine", xticks=layers)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="pair")
+    _layout(fig, ax, "centred cosine by layer, farthest and closest pairs by JS")
     return fig

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import textwrap
+from collections.abc import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 from divscope.estimators.ranking import Ranking, category_summary
 
@@ -16,6 +20,80 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
         fig, ax = plt.subplots(figsize=figsize)
         return fig, ax
     return ax.figure, ax
+
+
+def fit_title(ax: Axes, text: str, *, loc: str = "center", **kwargs: object) -> None:
+    """Set the title, wrapped onto as many lines as it takes to stay within the axes' width
+    (so it never runs over a colorbar or the next panel)."""
+    renderer = ax.figure.canvas.get_renderer()
+    title = ax.set_title(text, loc=loc, **kwargs)
+    avail = ax.get_window_extent(renderer).width
+    chars = len(text)
+    while title.get_window_extent(renderer).width > avail and chars > 12:
+        chars = max(
+            12, min(chars - 2, int(chars * avail / title.get_window_extent(renderer).width))
+        )
+        title.set_text("\n".join(textwrap.fill(p, chars) for p in text.split("\n")))
+
+
+def _layout(fig: Figure, ax: Axes, title: str, **kwargs: object) -> None:
+    """tight_layout with a title fitted to the axes it ends up with."""
+    for _ in range(2):  # the wrapped title changes the layout, which changes the width
+        fig.tight_layout()
+        fit_title(ax, title, **kwargs)
+    fig.tight_layout()
+
+
+def rotate_ticks(ax: Axes, angle: float = 30) -> None:
+    """Slanted x tick labels that end under their tick (not centred across the next one)."""
+    plt.setp(ax.get_xticklabels(), rotation=angle, ha="right", rotation_mode="anchor")
+
+
+def label_points(
+    ax: Axes,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    labels: Sequence[str],
+    *,
+    order: Sequence[int] | None = None,
+    fontsize: float = 6,
+    limit: int | None = None,
+) -> int:
+    """Label each point where its label fits: beside the point, inside the axes, clear of every
+    point and every label already placed (tried in ``order``, e.g. most interesting first, up
+    to ``limit`` labels). Call it once the layout is final. Returns how many were placed."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    pts = ax.transData.transform(np.column_stack([xs, ys]))
+    r = 4.0  # pixels around a marker
+    taken = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in pts]
+    frame = ax.get_window_extent(renderer).padded(-2)
+    sides = [(1, 1, "left", "bottom"), (1, -1, "left", "top"), (-1, 1, "right", "bottom")]
+    sides += [(-1, -1, "right", "top"), (1, 0, "left", "center"), (-1, 0, "right", "center")]
+    sides += [(0, 1, "center", "bottom"), (0, -1, "center", "top")]
+    placed = 0
+    for i in order if order is not None else range(len(labels)):
+        if limit is not None and placed >= limit:
+            break
+        for dist in (3, 8, 14):
+            for dx, dy, ha, va in sides:
+                kw = {"xytext": (dx * dist, dy * dist), "textcoords": "offset points"}
+                kw |= {"ha": ha, "va": va, "fontsize": fontsize}
+                t = ax.annotate(labels[i], (xs[i], ys[i]), **kw)
+                box = t.get_window_extent(renderer).padded(1)
+                t.remove()
+                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
+                if inside and box.y1 <= frame.y1 and not any(box.overlaps(b) for b in taken):
+                    if dist > 3:  # a thin leader line to a label set further off
+                        kw["arrowprops"] = {"arrowstyle": "-", "lw": 0.4, "color": "0.5"}
+                    ax.annotate(labels[i], (xs[i], ys[i]), **kw)
+                    taken.append(box)
+                    placed += 1
+                    break
+            else:
+                continue
+            break
+    return placed
 
 
 def _label(prompt: str, n: int = 40) -> str:
@@ -42,7 +120,7 @@ def score_heatmap(
         [[np.nan if p.scores.get(m) is None else p.scores[m] for m in metrics] for p in rows],
         dtype=float,
     ).reshape(len(rows), len(metrics))
-    fig, ax = _axes(ax, (3 + 1.3 * len(metrics), max(3.0, 1.2 + 0.4 * len(rows))))
+    fig, ax = _axes(ax, (5 + 1.3 * len(metrics), max(3.0, 1.2 + 0.4 * len(rows))))
     sns.heatmap(
         data,
         annot=True,
@@ -51,11 +129,10 @@ def score_heatmap(
         ax=ax,
         xticklabels=metrics,
         yticklabels=[f"#{p.index} {_label(p.prompt)}" for p in rows],
-        cbar_kws={"label": "score"},
+        cbar_kws={"label": f"{base} [{ranking.units.get(metrics[0], '')}]"},
     )
-    ax.set_title(f"{ranking.models[0]} vs {ranking.models[1]}: prompts x metrics")
-    ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
+    rotate_ticks(ax)
+    _layout(fig, ax, f"{ranking.models[0]} vs {ranking.models[1]}: prompts x metrics")
     return fig
 
 
@@ -76,9 +153,8 @@ def ranked_scores(
     ax.errorbar(v, y, xerr=[np.nan_to_num(v - lo), np.nan_to_num(hi - v)], fmt="o", capsize=3)
     ax.set_yticks(y, [f"#{p.index} {_label(p.prompt)}" for p in rows])
     ax.set_xlabel(f"{metric} [{ranking.units.get(metric, '')}]")
-    ax.set_title(f"Prompts ranked by {metric} ({int(ranking.ci_level * 100)}% bootstrap CI)")
     ax.axvline(0, color="grey", lw=0.5)
-    fig.tight_layout()
+    _layout(fig, ax, f"Prompts ranked by {metric} ({round(ranking.ci_level * 100)}% bootstrap CI)")
     return fig
 
 
@@ -93,8 +169,7 @@ def score_distribution(
     ax.plot(v, np.zeros_like(v), "|", color="k", ms=20)
     ax.set_xlabel(f"{metric} [{ranking.units.get(metric, '')}]")
     ax.set_ylabel("prompts")
-    ax.set_title(f"Distribution of {metric} over {len(v)} prompts")
-    fig.tight_layout()
+    _layout(fig, ax, f"Distribution of {metric} over {len(v)} prompts")
     return fig
 
 
@@ -114,11 +189,9 @@ def category_means(
     fig, ax = _axes(ax, (1.5 + 0.7 * len(rows), 4))
     ax.bar([r["category"] for r in rows], m, yerr=[m - lo, hi - m], capsize=3, color="C1")
     ax.set_ylabel(f"mean {metric} [{ranking.units.get(metric, '')}]")
-    ax.set_title(
-        f"{metric} by prompt category ({int(ranking.ci_level * 100)}% bootstrap CI over prompts)"
-    )
-    ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
+    rotate_ticks(ax)
+    level = round(ranking.ci_level * 100)
+    _layout(fig, ax, f"{metric} by prompt category ({level}% bootstrap CI over prompts)")
     return fig
 
 
@@ -182,5 +255,5 @@ def token_view(
             bbox={"boxstyle": "square,pad=0.05", "fc": color, "ec": "none"},
             **style,
         )
-    ax.set_title(title, loc="left", fontsize=9)
+    fit_title(ax, title, loc="left", fontsize=9)
     return fig

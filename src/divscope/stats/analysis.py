@@ -192,6 +192,33 @@ def load_cosine(path: str | Path) -> list[CosineMeasure]:
     )
 
 
+def check_cosine_fits(
+    path: str | Path, measures: list[CosineMeasure], m: PersonaMatrices, leakage: bool
+) -> list[CosineMeasure]:
+    """``measures`` (read from ``path``) if the analysis can use them: a cosine matrix must
+    cover every persona of the matrices; per-pair cosines are only used against leakage.
+
+    Raises:
+        AnalysisInputError: The file would be silently ignored otherwise; names why and the fix.
+    """
+    for c in measures:
+        if c.matrix is not None and c.names is not None:
+            missing = [n for n in m.names if n not in c.names]
+            if missing:
+                raise AnalysisInputError(
+                    f"{path}: cosine {c.key} covers {len(m.names) - len(missing)} of the "
+                    f"{len(m.names)} personas of the matrices (missing: {', '.join(missing[:5])})"
+                    ". Fix: pass the cosine file of the same persona run"
+                )
+        elif not leakage:
+            raise AnalysisInputError(
+                f"{path}: holds cosine per directed (source, persona) pair, which only the "
+                "leakage analysis uses. Fix: add --leakage, or pass a cosine matrix file "
+                "(divscope's cosine.json or {cosine_matrix_l<k>, persona_names})"
+            )
+    return measures
+
+
 def load_leakage(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
     """Directed leakage ``(source, target) -> {rate, found?, total?}``; self-pairs dropped.
 
@@ -199,6 +226,8 @@ def load_leakage(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
     directory of those (also ``<source>/marker_eval.json``).
     """
     path = Path(path)
+    if not path.exists():
+        raise AnalysisInputError(f"{path}: no such file or directory. Fix: check the path")
     files: list[tuple[str, Path]] = []
     if path.is_dir():
         files += [
@@ -462,6 +491,12 @@ def _cosine_vs_js(
     # rho(cos, leak); the two share the leakage variable and the same pairs.
     r12, r13 = -js_rho, cc["spearman_rho"]
     r23 = -_spearman(js, cos)
+    if len(js) <= 3 or not all(abs(r) < 1 for r in (r12, r13, r23)):
+        entry["comparison_note"] = (
+            f"no comparison: with {len(js)} pairs and correlations of "
+            f"{r12:.3g}, {r13:.3g} (and {r23:.3g} between -JS and cosine) the test is undefined"
+        )
+        return entry
     test = dependent_correlations(r12, r13, r23, len(js))
     diff = np.array([-_spearman(js[i], leak[i]) - _spearman(cos[i], leak[i]) for i in rs.idx])
     diff_cl = np.array([-_spearman(js[i], leak[i]) - _spearman(cos[i], leak[i]) for i in rs.cl_idx])
@@ -526,6 +561,7 @@ def redundancy(
             "mantel_p": mt["p"],
             "mantel_permutations": n_perm,
             "redundant": c["spearman_rho"] is not None and abs(c["spearman_rho"]) > threshold,
+            "threshold": threshold,
         }
     return out
 
@@ -612,6 +648,40 @@ def analyze(
     if leakage:
         out["leakage"] = leakage_analysis(matrices, cosines, leakage, n_boot=n_boot, seed=seed)
         out["kl_asymmetry"] = kl_asymmetry(matrices, leakage)
+    out["warnings"] = sample_warnings(out, n_perm)
+    return out
+
+
+MIN_PERSONAS = 6  # below: 15 pairs or fewer, Mantel p bounded away from 0
+MIN_LEAKAGE_PAIRS = 10
+
+
+def sample_warnings(result: dict[str, Any], n_perm: int) -> list[str]:
+    """Where the sample is too small for the statistics to mean much, and why."""
+    out = []
+    n = len(result["personas"])
+    pairs = n * (n - 1) // 2
+    if n < MIN_PERSONAS:
+        orders = math.factorial(n)
+        floor = max(1 / orders, 1 / (n_perm + 1))
+        out.append(
+            f"only {n} personas ({pairs} pairs): Spearman rho over {pairs} pairs takes few "
+            f"values, and with {orders} orderings of the personas no Mantel p can fall below "
+            f"about {floor:.3g}; read rho and p as descriptive (at least {MIN_PERSONAS} "
+            "personas for a test)"
+        )
+    lk = result.get("leakage")
+    if lk and lk["n_pairs"] < MIN_LEAKAGE_PAIRS:
+        out.append(
+            f"only {lk['n_pairs']} directed leakage pairs: the leakage correlations and their "
+            f"comparison are weak evidence (at least {MIN_LEAKAGE_PAIRS} pairs for a test)"
+        )
+    ka = result.get("kl_asymmetry")
+    if ka is not None and 0 < ka.get("n_pairs", 0) < 5:
+        out.append(
+            f"only {ka['n_pairs']} persona pairs with leakage both ways: the KL asymmetry "
+            "correlation is not computed below 3 and is weak below 5"
+        )
     return out
 
 
