@@ -167,7 +167,10 @@ def _generate(
                 "backend hf, or merge the adapter and save the model to a directory"
             )
         path = resolve_model(cond.model)
-        return generate_vllm(path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype)
+        return generate_vllm(
+            path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype,
+            stops=setup.stops[side], progress=progress,
+        )  # fmt: skip
     desc = f"generating {side.upper()}"
     with tqdm(total=len(flat), desc=desc, unit="resp", disable=not progress) as bar:
         return generate_hf(
