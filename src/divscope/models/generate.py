@@ -162,7 +162,5 @@ def generate_vllm(
         )
         for i in range(len(prompts))
     ]
-    outs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress
-    )
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
     return [_cut(list(o.outputs[0].token_ids), stops) for o in outs]
