@@ -209,6 +209,24 @@ def test_sample_and_cross_score(tmp_path, server, smol, capsys):
     assert_no_secret(tmp_path, out.out, out.err)
 
 
+def test_a_response_that_stops_keeps_its_cross_score_aligned(tmp_path, server):
+    """vLLM reports the end-of-turn token after a stopped response's text; the record keeps
+    the text's tokens (the stop token aside), so the cross-score of the text is aligned."""
+    from divscope.sampling.cross_score import Scorer
+    from divscope.sampling.prompts import PromptItem
+
+    sampler = Sampler(load_config(write_config(tmp_path, server.url)), progress=False)
+    m = sampler.config.models[0]
+    item = PromptItem(0, "Reply with one word: what colour is the sky?", category="short")
+    rec = sampler.sample(m, item, 0, max_tokens=48, temperature=0.0)
+    assert rec["finish_reason"] == "stop" and rec["stop_token"]["token"] == "<|im_end|>"
+    assert "".join(rec["logprobs"]["tokens"]) == rec["text"] and rec["text"]
+    scorer = Scorer(m, sampler.templates[m.name], sampler.clients[m.name], 5)
+    cross = scorer.score(item.prompt, rec["text"])
+    assert cross["tokens"] == rec["logprobs"]["tokens"]
+    assert cross["logprobs"] == pytest.approx(rec["logprobs"]["logprobs"], abs=2e-3)
+
+
 def test_requests_without_the_key_are_refused(server):
     """The server checks the key: the sampler's requests above worked, so they carried it."""
     r = requests.post(
