@@ -146,9 +146,12 @@ def test_diff_generates_through_vllm(engine, smol, tmp_path):
 
 
 def test_cli_diff_with_the_vllm_backend(engine, tmp_path):
-    """``python -m divscope diff --backend vllm``: vLLM spawns its engine process, which
-    imports ``__main__`` again; the command runs once and writes its outputs."""
+    """``python -m divscope diff --backend vllm`` in a fresh cache: vLLM's engine starts in
+    a spawned process, the command runs once, generates both sides and writes its outputs."""
     release_engines()  # the command loads its own engine; two need not sit in memory
+    cache = tmp_path / "cache"  # a fresh cache (the converted model linked in): it generates
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / SMOL).symlink_to(resolve_model(SMOL))
     out = tmp_path / "run"
     args = ["diff", "--a", SMOL, "--b", SMOL, "--system-b", "Answer in French."]
     args += ["--prompts", str(PROMPTS), "--max-prompts", "1", "--samples", "2"]
@@ -158,8 +161,10 @@ def test_cli_diff_with_the_vllm_backend(engine, tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "DIVSCOPE_CACHE": str(cache)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("prompts x 2 samples per side") == 1  # the command ran once
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["parameters"]["backend"] == "vllm"
+    assert len(list((cache / "diff").rglob("gen_*.json"))) == 2  # both sides generated here
