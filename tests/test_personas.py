@@ -333,9 +333,31 @@ def test_seam_check_catches_a_breaking_template(smol):
         r.check_seam(p.prompt, q.text, ids, response, {broken.eos_token_id})
     # the real template passes
     ok = PromptRenderer(tok)
-    assert ok.check_seam(
-        p.prompt, q.text, ok.prompt_ids(p.prompt, q.text), response, {tok.eos_token_id}
-    )["ok"]
+    prompt = ok.prompt_ids(p.prompt, q.text)
+    seam = ok.check_seam(p.prompt, q.text, prompt, response, {tok.eos_token_id})
+    assert seam["ok"] and not seam["retokenised"]
+    # a sampled response in a non-canonical tokenization (one token per letter) is no
+    # template fault: it passes, marked
+    letters = tok.convert_tokens_to_ids(list("Ahoy"))
+    assert (
+        tok.decode(letters) == "Ahoy"
+        and letters != tok("Ahoy", add_special_tokens=False)["input_ids"]
+    )
+    seam = ok.check_seam(p.prompt, q.text, prompt, letters, {tok.eos_token_id})
+    assert seam["ok"] and seam["retokenised"]
+    # but the broken template still fails on it
+    with pytest.raises(TemplateSeamError, match="breaks the prompt/response seam"):
+        r.check_seam(p.prompt, q.text, ids, letters, {broken.eos_token_id})
+    # and so does one that strips the assistant's leading space
+    stripping = copy.deepcopy(tok)
+    stripping.chat_template = tok.chat_template.replace(
+        "message['content']", "message['content'] | trim"
+    )
+    assert stripping.chat_template != tok.chat_template
+    spaced = tok(" Ahoy", add_special_tokens=False)["input_ids"]
+    rs = PromptRenderer(stripping)
+    with pytest.raises(TemplateSeamError, match="breaks the prompt/response seam"):
+        rs.check_seam(p.prompt, q.text, rs.prompt_ids(p.prompt, q.text), spaced, set())
 
 
 def test_template_without_system_role_merges_the_persona(smol):

@@ -465,6 +465,26 @@ def good_body(text: str = "Hi there") -> dict:
     }
 
 
+def test_end_of_turn_token_after_the_text_is_set_aside():
+    """vLLM reports the stop token (``<|im_end|>``, or ``""`` with special tokens skipped) as
+    the last logprob entry; llama.cpp does not. The record's tokens are the text's either
+    way, so that cross-scores of the text stay aligned; the stop token is kept aside."""
+    from divscope.sampling.responses import chat_response_record
+
+    plain = chat_response_record(good_body(), 5, None)
+    for eos in ("<|im_end|>", ""):
+        body = good_body()
+        entry = {"token": eos, "logprob": -0.25, "top_logprobs": [{"token": eos, "logprob": -0.25}]}
+        body["choices"][0]["logprobs"]["content"].append(entry)
+        rec = chat_response_record(body, 5, None)
+        assert rec["logprobs"] == plain["logprobs"] and "text_matches_tokens" not in rec
+        assert rec["stop_token"] == {"token": eos, "logprob": -0.25}
+        body["choices"][0]["finish_reason"] = "length"  # not a stop: nothing is set aside
+        rec = chat_response_record(body, 5, None)
+        assert len(rec["logprobs"]["tokens"]) == 3 and "stop_token" not in rec
+    assert "stop_token" not in plain and plain["logprobs"]["tokens"] == ["Hi", " there"]
+
+
 def test_api_key_never_leaks_whatever_the_server_sends(tmp_path, capsys):
     """A key with a CRLF tail (a Windows .env), a server that echoes it in 5xx bodies (longer
     than the 200 characters kept), in a 200 body's error/id/usage: neither the key nor any

@@ -4,4 +4,7 @@ import sys
 
 from divscope.cli import main
 
-sys.exit(main())
+# vLLM starts its engine in a spawned process, which imports this module again as
+# ``__mp_main__``: without the guard that child would run the command a second time.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -164,19 +164,39 @@ def _generate(
 
     cond = setup.conditions[side]
     if backend == "vllm":
-        if cond.adapter:
-            raise DiffInputError(
-                f"{cond.label}: the vllm backend does not load adapters here. Fix: "
-                "backend hf, or merge the adapter and save the model to a directory"
-            )
-        path = resolve_model(cond.model)
-        return generate_vllm(path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype)
+        path = merged_dir(setup, side) if cond.adapter else resolve_model(cond.model)
+        return generate_vllm(
+            path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype,
+            stops=setup.stops[side], progress=progress,
+        )  # fmt: skip
     desc = f"generating {side.upper()}"
     with tqdm(total=len(flat), desc=desc, unit="resp", disable=not progress) as bar:
         return generate_hf(
             setup.models[side], setup.tokenizers[side], flat, batch_size=batch_size,
             progress=bar, **gen,
         )  # fmt: skip
+
+
+def merged_dir(setup: DiffSetup, side: str) -> str:
+    """A directory vLLM can load for a side with an adapter: the merged model (the one the
+    scores use), saved once under ``<cache>/merged/<condition hash>`` (atomically)."""
+    import shutil
+    import tempfile
+
+    cond = setup.conditions[side]
+    out = cache_dir() / "merged" / content_hash(cond.identity())
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            setup.models[side].save_pretrained(tmp)
+            setup.tokenizers[side].save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return str(out)
 
 
 def check_seams(setup: DiffSetup, responses: Responses) -> dict[str, Any]:

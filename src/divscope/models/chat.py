@@ -88,13 +88,25 @@ class PromptRenderer:
         stop_ids: set[int],
     ) -> dict[str, Any]:
         """Rendering the whole conversation must give ``prompt_ids + response_ids`` (up to the
-        end-of-turn tokens). Raises :class:`TemplateSeamError` otherwise."""
+        end-of-turn tokens). Raises :class:`TemplateSeamError` otherwise.
+
+        A sampled response need not be in the tokenizer's canonical tokenization (``UT`` +
+        ``SB`` where the text re-tokenises as ``UTS`` + ``B``); that says nothing about the
+        template, so it passes (``retokenised: true``) when the rendering still starts with
+        the prompt ids and then the response's exact text.
+        """
         body = [t for t in response_ids if t not in stop_ids]
         text = self.tokenizer.decode(body, skip_special_tokens=False)
         full = self.tokenizer.apply_chat_template(self.messages(system, user, text), tokenize=False)
         full_ids = self._ids(full)
         expected = prompt_ids + body
-        if full_ids[: len(expected)] != expected:
+        n = len(prompt_ids)
+        retokenised = (
+            full_ids[: len(expected)] != expected
+            and full_ids[:n] == prompt_ids
+            and self.tokenizer.decode(full_ids[n:], skip_special_tokens=False).startswith(text)
+        )
+        if full_ids[: len(expected)] != expected and not retokenised:
             k = next(
                 (i for i, (a, b) in enumerate(zip(full_ids, expected, strict=False)) if a != b),
                 min(len(full_ids), len(expected)),
@@ -113,4 +125,5 @@ class PromptRenderer:
             "prompt_tokens": len(prompt_ids),
             "response_tokens": len(body),
             "trailing_tokens": full_ids[len(expected) :][:8],
+            "retokenised": retokenised,
         }

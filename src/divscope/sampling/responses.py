@@ -24,11 +24,25 @@ def topk_columns(entries: list[tuple[str, float]], k: int) -> tuple[list[str], l
     return [t for t, _ in ordered], [v for _, v in ordered]
 
 
+def _trailing_stop_token(tokens: list[str], text: str, finish: str | None) -> bool:
+    """Whether the last logprob entry is the end-of-turn token that stopped the response and
+    is not part of its text. vLLM reports it (``<|im_end|>``, or ``""`` when special tokens
+    are skipped); llama.cpp does not. It is set aside so that a response's tokens are its
+    text's, as cross-scoring (which scores the text) and other servers have them."""
+    return (
+        finish == "stop"
+        and bool(tokens)
+        and "".join(tokens[:-1]) == text
+        and (tokens[-1] == "" or "".join(tokens) != text)
+    )
+
+
 def chat_response_record(body: dict[str, Any], top_k: int, seed: int | None) -> dict[str, Any]:
     """A chat.completion body -> one divscope JSONL response (logprobs stored column-wise).
 
     Servers that append the sampled token to ``top_logprobs`` when it falls outside the top-k
-    are normalised to the top-k proper (the sampled token's logprob is kept separately).
+    are normalised to the top-k proper (the sampled token's logprob is kept separately). An
+    end-of-turn token reported after the text is kept aside as ``stop_token``.
     """
     choices = body.get("choices") or []
     if not choices:
@@ -60,6 +74,10 @@ def chat_response_record(body: dict[str, Any], top_k: int, seed: int | None) -> 
         )
         top_t.append(t)
         top_l.append(v)
+    stop = _trailing_stop_token(tokens, text, record["finish_reason"])
+    if stop:
+        record["stop_token"] = {"token": tokens[-1], "logprob": f32(lps[-1:])[0]}
+        tokens, lps, top_t, top_l = tokens[:-1], lps[:-1], top_t[:-1], top_l[:-1]
     record["logprobs"] = {
         "tokens": tokens,
         "logprobs": f32(lps),
