@@ -11,6 +11,7 @@ import numpy as np
 from divscope import __version__
 from divscope.diff.conditions import DiffInputError
 from divscope.estimators.ranking import ALL_METRICS, Ranking, rank_prompts
+from divscope.execution.executors import ExecutorError, make_executor
 from divscope.models.chat import TemplateSeamError
 from divscope.models.load import ModelNotFoundError
 from divscope.personas.data import PersonaDataError
@@ -116,13 +117,17 @@ def _cmd_personas(args: argparse.Namespace) -> int:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     from divscope.models.load import load_model
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    executor = make_executor(args.ray, args.workers, device=args.device)
+    # with Ray the workers load the model; here only to explain pairs afterwards
+    want = not executor.remote or args.explain_pairs
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype) if want else None
     try:
         result = run_personas(
             args.model,
             personas,
             questions,
             loaded=loaded,
+            executor=executor,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -139,8 +144,10 @@ def _cmd_personas(args: argparse.Namespace) -> int:
             f"divscope: error: {e}; outputs written to {args.out} for inspection", file=sys.stderr
         )
         return 3
+    finally:
+        executor.close()
     written = write_outputs(result, args.out, overwrite=args.overwrite)
-    if args.explain_pairs:
+    if args.explain_pairs and loaded is not None:
         from divscope.personas.explain import explain_run
         from divscope.runmeta import atomic_write_json
 
@@ -177,21 +184,26 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     clash = [f for f in FILES if (out / f).exists()]
     if clash and not args.overwrite:
         raise FileExistsError(f"{out} already holds {clash}")
-    result = run_diff(
-        a,
-        b,
-        prompts,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        metric=args.metric,
-        n_bootstrap=args.n_bootstrap,
-        backend=args.backend,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    executor = make_executor(args.ray, args.workers, device=args.device)
+    try:
+        result = run_diff(
+            a,
+            b,
+            prompts,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            metric=args.metric,
+            n_bootstrap=args.n_bootstrap,
+            backend=args.backend,
+            device=args.device,
+            progress=not args.quiet,
+            executor=executor,
+        )
+    finally:
+        executor.close()
     written = write_outputs(result, out, overwrite=args.overwrite)
     r = result.ranking
     m, unit = r.metric, r.units[r.metric]
@@ -325,6 +337,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run generation and scoring on Ray workers: a local Ray instance (no ADDRESS) or "
+        "the cluster at ADDRESS (host:6379, ray://host:10001, auto); default: in this process",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray workers, each with its own copy of the model: one GPU each with --device "
+        "cuda, else an equal share of the CPUs (1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and the tests)."""
     p = argparse.ArgumentParser(prog="divscope", description=__doc__)
@@ -390,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--out", required=True, help="output directory")
     pe.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
+    _executor_options(pe)
     pe.set_defaults(func=_cmd_personas)
 
     d = sub.add_parser(
@@ -424,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    _executor_options(d)
     d.set_defaults(func=_cmd_diff)
 
     a = sub.add_parser("analyze", help="statistics: JS vs cosine vs leakage")
@@ -476,8 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         ReportError,
         DiffInputError,
         ModelNotFoundError,
+        ExecutorError,
     ) as e:
         print(f"divscope: error: {e}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:  # ray.init could not reach --ray ADDRESS
+        print(f"divscope: error: {e}. Fix: check --ray ADDRESS", file=sys.stderr)
         return 2
     except FileExistsError as e:
         print(f"divscope: error: {e}; pass --overwrite to replace it", file=sys.stderr)
