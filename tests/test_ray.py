@@ -160,7 +160,8 @@ def test_personas_on_two_workers_equal_one_process(cluster, personas_in_process,
     cache = _cache_home(tmp_path / "cache")
     out = tmp_path / "out"
     args = ["personas", *PERSONA_ARGS, "--explain-pairs", "0", "--quiet", "--out", str(out)]
-    _cli([*args, "--ray", cluster, "--workers", "2"], cache)
+    # 2 answers per unit here, a whole question per unit in-process: the same numbers
+    _cli([*args, "--ray", cluster, "--workers", "2", "--unit-responses", "2"], cache)
     _same_persona_outputs(personas_in_process, out)
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["executor"] == {

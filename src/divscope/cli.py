@@ -128,6 +128,7 @@ def _cmd_personas(args: argparse.Namespace) -> int:
             questions,
             loaded=loaded,
             executor=executor,
+            responses_per_unit=args.unit_responses,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -337,6 +338,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
 def _executor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray",
@@ -422,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
     _executor_options(pe)
+    pe.add_argument(
+        "--unit-responses",
+        type=_positive,
+        default=None,
+        metavar="K",
+        help="answers per unit of work (default: all of a question's); smaller units keep "
+        "more workers busy, the numbers do not change",
+    )
     pe.set_defaults(func=_cmd_personas)
 
     d = sub.add_parser(

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,11 +31,10 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from divscope.execution.executors import Units
-
 LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
 MAX_RESTARTS = 3  # per worker: Ray restarts a dead actor this often, then it is dropped
 MAX_ATTEMPTS = 3  # per unit: a unit whose worker died this often is an error
+Units = Sequence[tuple[Hashable, Any]]  # (key, unit) pairs, as in executors.Pool.map
 
 
 class WorkersLostError(RuntimeError):
@@ -75,6 +74,8 @@ class RayExecutor:
     Attributes:
         address: ``"local"`` (start Ray here) or a cluster address.
         workers: Actors per pool.
+        cpus_per_worker: CPUs (and torch threads) per actor on CPU; default an equal share
+            of the cluster's CPUs, at most one node's.
         pids: Worker index -> process id, as last reported (it changes after a restart).
         in_flight: Worker index -> ``(key, work function name)`` of the unit it holds.
         retried: Keys of units that went back to the queue because their worker died.
@@ -88,9 +89,11 @@ class RayExecutor:
         workers: int = 1,
         *,
         device: str = "cpu",
+        cpus_per_worker: int | None = None,
         init_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.address, self.workers, self.device = address, workers, device
+        self.cpus_per_worker = cpus_per_worker
         self.init_kwargs = init_kwargs or {}
         self.pids: dict[int, int] = {}
         self.in_flight: dict[int, tuple[Hashable, str]] = {}
@@ -130,6 +133,8 @@ class RayExecutor:
         """(CPUs, GPUs, torch threads) per actor."""
         if self.device.startswith("cuda"):
             return 1, 1, None
+        if self.cpus_per_worker:
+            return self.cpus_per_worker, 0, self.cpus_per_worker
         per_node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
         total = ray.cluster_resources().get("CPU", 1)
         cpus = max(1, min(int(total // self.workers), int(per_node)))

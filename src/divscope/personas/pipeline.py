@@ -238,9 +238,11 @@ def score_units(
     persona_batch: int | None,
     progress: bool,
     label: str = "in-process",
+    responses_per_unit: int | None = None,
 ) -> tuple[dict[tuple[int, int], UnitScores], int]:
-    """Score every response under every persona, one question per unit, through the cache:
-    cached responses are read here, the rest run on ``pool`` and are written as they arrive.
+    """Score every response under every persona through the cache: cached responses are read
+    here, the rest run on ``pool`` (a unit: one question's uncached responses, or blocks of
+    ``responses_per_unit`` of them) and are written as they arrive.
 
     Returns:
         (generator, question) -> :class:`UnitScores` in (question, generator) order, and how
@@ -270,14 +272,17 @@ def score_units(
                 )
             else:
                 missing[g] = responses[g][q]
-        if missing:
-            todo.append((q, QuestionUnit(prompts, missing, 0, setup.layers)))
+        gens = sorted(missing)
+        size = responses_per_unit or len(gens) or 1
+        for b in range(0, len(gens), size):
+            block = {g: missing[g] for g in gens[b : b + size]}
+            todo.append(((q, b), QuestionUnit(prompts, block, 0, setup.layers)))
     n_cached = len(found)
     desc = f"teacher forcing [{label}]"
     with tqdm(total=n * n_q, desc=desc, unit="resp", disable=not progress) as bar:
         bar.update(n_cached)
         work = partial(score_on, persona_batch=persona_batch)
-        for q, scored in pool.map(work, todo):
+        for (q, _), scored in pool.map(work, todo):
             for g, u in scored.items():
                 cache.write(files[(g, q)], u)
                 found[(g, q)] = u
@@ -399,6 +404,7 @@ def run_personas(
     ray: str | None = None,
     workers: int = 1,
     executor: Executor | None = None,
+    responses_per_unit: int | None = None,
 ) -> PersonaResult:
     """Run the persona pipeline (DESIGN.md, pipeline 2) and return its result.
 
@@ -408,6 +414,8 @@ def run_personas(
     ``<cache>/personas``). ``ray`` (``"local"`` or a cluster address) and ``workers`` run
     generation and scoring on Ray workers that each load ``model_name`` themselves
     (:func:`divscope.execution.make_executor`); ``executor`` passes one already made.
+    ``responses_per_unit`` cuts a question's responses into units of that many (default: one
+    unit per question); the numbers do not depend on it.
 
     Raises:
         PersonaCheckError: A consistency check failed (the result is attached as
@@ -434,7 +442,7 @@ def run_personas(
             t2 = time.perf_counter()
             units, n_cached = score_units(
                 setup, responses, pool, persona_batch=persona_batch, progress=progress,
-                label=ex.label,
+                label=ex.label, responses_per_unit=responses_per_unit,
             )  # fmt: skip
             timings["teacher_force"] = time.perf_counter() - t2
         described = ex.describe()
