@@ -43,6 +43,8 @@ MAX_NEW_TOKENS = 32  # models: tokens per response
 TEMPERATURE = 1.0  # models: sampling temperature (1.0: the model's own distribution)
 DEVICE = "cpu"  # models: "cpu" or "cuda"
 DTYPE = "float32"  # models: weights of both (a spec's dtype=... overrides it)
+RAY_ADDRESS = None  # models: None = this process; "local" = Ray here; "host:6379" = a Ray cluster
+WORKERS = 1  # models: Ray workers, each holding both models (more than 1 needs RAY_ADDRESS)
 
 # %% [markdown]
 # ## Imports
@@ -136,6 +138,8 @@ if SOURCE == "models":
         n_bootstrap=N_BOOTSTRAP,
         seed=SEED,
         device=DEVICE,
+        ray=RAY_ADDRESS,
+        workers=WORKERS,
     )
 run_dir = None  # created once the inputs have loaded (and, for files, ranked)
 if diff is not None:  # both sides' samples as sample files: every cell below reads them

@@ -31,6 +31,8 @@ LEAKAGE_FILE = None  # optional leakage CSV (source,target,rate) or marker_eval 
 OUTPUT_DIR = "eval_results"  # results: OUTPUT_DIR/<run>/*.json, per_prompt.csv
 FIGURES_DIR = "figures"  # figures: FIGURES_DIR/<run>/*.png
 RUN_PREFIX = "persona_js"  # run names are <prefix>_<UTC timestamp>
+RAY_ADDRESS = None  # None = this process; "local" = Ray here; "host:6379" = a Ray cluster
+WORKERS = 1  # Ray workers, each holding the model (more than 1 needs RAY_ADDRESS)
 
 # %% [markdown]
 # ## Imports
@@ -127,6 +129,8 @@ result = run_personas(
     device=DEVICE,
     dtype=DTYPE,
     loaded=loaded,
+    ray=RAY_ADDRESS,
+    workers=WORKERS,
 )
 run_dir = new_run_dir(Path(OUTPUT_DIR), RUN_PREFIX)
 fig_dir = Path(FIGURES_DIR) / run_dir.name

@@ -13,6 +13,7 @@ import numpy as np
 from divscope import __version__
 from divscope.diff.conditions import DiffInputError
 from divscope.estimators.ranking import ALL_METRICS, Ranking, rank_prompts
+from divscope.execution.executors import ExecutorError, make_executor
 from divscope.models.chat import TemplateSeamError
 from divscope.models.load import DTYPES, DeviceError, ModelNotFoundError
 from divscope.personas.data import PersonaDataError
@@ -114,13 +115,18 @@ def _cmd_personas(args: argparse.Namespace) -> int:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     from divscope.models.load import load_model
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    executor = make_executor(args.ray, args.workers, device=args.device)
+    # with Ray the workers load the model; here only to explain pairs afterwards
+    want = not executor.remote or args.explain_pairs
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype) if want else None
     try:
         result = run_personas(
             args.model,
             personas,
             questions,
             loaded=loaded,
+            executor=executor,
+            responses_per_unit=args.unit_responses,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -137,8 +143,10 @@ def _cmd_personas(args: argparse.Namespace) -> int:
             f"divscope: error: {e}; outputs written to {args.out} for inspection", file=sys.stderr
         )
         return 3
+    finally:
+        executor.close()
     written = write_outputs(result, args.out, overwrite=args.overwrite)
-    if args.explain_pairs:
+    if args.explain_pairs and loaded is not None:
         from divscope.personas.explain import explain_run
         from divscope.runmeta import atomic_write_json
 
@@ -177,21 +185,26 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     clash = [f for f in FILES if (out / f).exists()]
     if clash and not args.overwrite:
         raise FileExistsError(f"{out} already holds {clash}")
-    result = run_diff(
-        a,
-        b,
-        prompts,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        metric=args.metric,
-        n_bootstrap=args.n_bootstrap,
-        backend=args.backend,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    executor = make_executor(args.ray, args.workers, device=args.device)
+    try:
+        result = run_diff(
+            a,
+            b,
+            prompts,
+            samples=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            metric=args.metric,
+            n_bootstrap=args.n_bootstrap,
+            backend=args.backend,
+            device=args.device,
+            progress=not args.quiet,
+            executor=executor,
+        )
+    finally:
+        executor.close()
     written = write_outputs(result, out, overwrite=args.overwrite)
     r = result.ranking
     m, unit = r.metric, r.units[r.metric]
@@ -350,6 +363,25 @@ def _command(sub: Any, name: str, help: str, **kwargs: Any) -> argparse.Argument
     return sub.add_parser(name, help=help, **kwargs)
 
 
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run generation and scoring on Ray workers: a local Ray instance (no ADDRESS) or "
+        "the cluster at ADDRESS (host:6379, ray://host:10001, auto); default: in this process",
+    )
+    p.add_argument(
+        "--workers",
+        type=POSITIVE,
+        default=1,
+        help="Ray workers, each with its own copy of the model: one GPU each with --device "
+        "cuda, else an equal share of the CPUs",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and the tests)."""
     p = _Parser(prog="divscope", description=DESCRIPTION)
@@ -443,6 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--out", required=True, help="output directory")
     pe.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
+    _executor_options(pe)
+    pe.add_argument(
+        "--unit-responses",
+        type=POSITIVE,
+        default=None,
+        metavar="K",
+        help="answers per unit of work (default: all of a question's); smaller units keep "
+        "more workers busy, the numbers do not change",
+    )
     pe.set_defaults(func=_cmd_personas)
 
     d = _command(
@@ -489,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    _executor_options(d)
     d.set_defaults(func=_cmd_diff)
 
     a = _command(sub, "analyze", help="statistics: JS vs cosine vs leakage")
@@ -581,8 +623,12 @@ def main(argv: list[str] | None = None) -> int:
         DiffInputError,
         ModelNotFoundError,
         DeviceError,
+        ExecutorError,
     ) as e:
         print(f"divscope: error: {e}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:  # ray.init could not reach --ray ADDRESS
+        print(f"divscope: error: {e}. Fix: check --ray ADDRESS", file=sys.stderr)
         return 2
     except FileExistsError as e:
         print(f"divscope: error: {e}; pass --overwrite to replace it", file=sys.stderr)

@@ -127,3 +127,22 @@ def _merge_adapter(model: Any, cond: Condition) -> Any:
             f"{base!r}): {first}. Fix: pair the adapter with its base model"
         ) from e
     return merged.eval()
+
+
+def load_conditions(conds: dict[str, Condition], device: str = "cpu") -> dict[str, tuple[Any, Any]]:
+    """Side -> ``(model, tokenizer)`` of every condition (what a diff worker keeps)."""
+    return {s: load_condition(c, device) for s, c in conds.items()}
+
+
+def condition_meta(cond: Condition) -> tuple[Any, Any]:
+    """``(ModelMeta, tokenizer)`` of a condition: no weights (the workers hold the model).
+
+    Raises:
+        DiffInputError: The model cannot be found.
+    """
+    from divscope.models.load import ModelNotFoundError, load_meta
+
+    try:
+        return load_meta(cond.model)
+    except ModelNotFoundError as e:
+        raise DiffInputError(str(e)) from e

@@ -4,7 +4,10 @@ aggregate, write. :func:`run_diff` reads as those steps.
 Units (one prompt: both sides' samples teacher-forced under both models,
 :func:`divscope.diff.score.score_prompt_pair`) are cached by content under
 ``<cache>/diff/<key>/`` (both conditions, prompt ids, response ids, top-k), so a rerun is
-instant and an interrupted run resumes. Generations are cached per prompt set and settings.
+instant and an interrupted run resumes. Generations are cached per batch and settings. Units
+and generation batches run on an executor (:mod:`divscope.execution`): in this process (the
+default) or on Ray workers that each hold both models; the driver writes every result to the
+cache and aggregates in prompt order, so the numbers are the same.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,25 @@ from divscope.diff.aggregate import (
     side_summary,
     what_changed,
 )
-from divscope.diff.conditions import Condition, DiffInputError, load_condition
-from divscope.diff.score import SIDES, PairScores, PromptPair, SideScores, score_prompt_pair
+from divscope.diff.conditions import (
+    Condition,
+    DiffInputError,
+    condition_meta,
+    load_condition,
+    load_conditions,
+)
+from divscope.diff.score import (
+    SIDES,
+    PairScores,
+    PromptPair,
+    SideScores,
+    generate_side,
+    score_pair_on,
+)
 from divscope.estimators.ranking import Ranking
+from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
+from divscope.models.generate import gen_chunks, generate_cached
 from divscope.models.load import cache_dir, resolve_model
 from divscope.runmeta import atomic_write_text, content_hash, run_metadata
 from divscope.sampling.config import ConfigError, DatasetSpec
@@ -43,7 +62,10 @@ Responses = dict[str, list[list[list[int]]]]  # side -> [prompt][sample] -> toke
 
 @dataclass
 class DiffSetup:
-    """What every step needs: both models, their prompt ids for every prompt, the cache."""
+    """What every step needs: both models, their prompt ids for every prompt, the cache.
+
+    ``models`` holds each side's loaded model, or only its
+    :class:`divscope.models.load.ModelMeta` when the workers hold the models."""
 
     conditions: dict[str, Condition]
     models: dict[str, Any]
@@ -98,13 +120,16 @@ def prepare(
     loaded: dict[str, tuple[Any, Any]] | None,
     unit_cache: str | Path | None,
     exact: bool = True,
+    weights: bool = True,
 ) -> DiffSetup:
-    """Load both conditions (unless ``loaded``), compare their tokenizers (``exact``: they
-    must be one), render prompts."""
+    """Load both conditions (unless ``loaded``; without their ``weights`` when workers hold
+    them), compare their tokenizers (``exact``, or no ``weights``: they must be one), render
+    prompts."""
     from divscope.models.generate import stop_ids
 
     conds = {"a": a, "b": b}
-    pairs = {s: (loaded or {}).get(s) or load_condition(c, device) for s, c in conds.items()}
+    load = partial(load_condition, device=device) if weights else condition_meta
+    pairs = {s: (loaded or {}).get(s) or load(c) for s, c in conds.items()}
     models = {s: m for s, (m, _) in pairs.items()}
     toks = {s: t for s, (_, t) in pairs.items()}
     same = toks["a"].get_vocab() == toks["b"].get_vocab()
@@ -113,6 +138,11 @@ def prepare(
             f"{a.label} and {b.label} have different tokenizers: exact per-position KL/JS "
             "needs one vocabulary. Fix: diff models that share a tokenizer, or leave --metric "
             "unset to rank by mc_kl per byte of text (sequence cross-scores)"
+        )
+    if not same and not weights:
+        raise DiffInputError(
+            f"{a.label} and {b.label} have different tokenizers: their text cross-scoring "
+            "runs in one process only. Fix: drop --ray / --workers for this pair"
         )
     renderers = {s: PromptRenderer(t) for s, t in toks.items()}
     prompt_ids = {
@@ -126,55 +156,71 @@ def prepare(
 
 
 def generate_samples(
-    setup: DiffSetup, params: dict[str, Any], *, backend: str, progress: bool, batch_size: int = 16
-) -> Responses:
-    """``samples`` responses per prompt from each side (cached per side, prompts, settings)."""
-    n_s = params["samples"]
-    gen = {k: params[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")}
-    out: Responses = {}
-    for side in SIDES:
-        flat = [ids for ids in setup.prompt_ids[side] for _ in range(n_s)]
-        ident = setup.conditions[side].identity()
-        f = (
-            setup.cache
-            / f"gen_{side}_{content_hash({'p': flat, 'c': ident, **gen, 'b': backend, 'bs': batch_size})}.json"
-        )
-        if f.exists():
-            got = json.loads(f.read_text())
-        else:
-            got = _generate(setup, side, flat, gen, backend, batch_size, progress)
-            atomic_write_text(f, json.dumps(got), overwrite=True)
-        out[side] = [got[i * n_s : (i + 1) * n_s] for i in range(len(setup.prompts))]
-    return out
-
-
-def _generate(
     setup: DiffSetup,
-    side: str,
-    flat: list[list[int]],
-    gen: dict[str, Any],
+    params: dict[str, Any],
+    pool: Pool,
+    *,
     backend: str,
-    batch_size: int,
     progress: bool,
-) -> list[list[int]]:
-    """One side's responses to ``flat`` prompt ids (HF batched, or vLLM)."""
+    batch_size: int = 16,
+    label: str = "in-process",
+) -> Responses:
+    """``samples`` responses per prompt from each side. With transformers both sides' batches
+    are units on ``pool``, each cached on its own; vLLM runs here, one cache file per side."""
     from tqdm.auto import tqdm
 
-    from divscope.models.generate import generate_hf, generate_vllm
+    n_s = params["samples"]
+    gen = {k: params[k] for k in ("max_new_tokens", "temperature", "top_p", "seed")}
+    flat = {s: [ids for ids in setup.prompt_ids[s] for _ in range(n_s)] for s in SIDES}
+    if backend == "vllm":
+        got = {s: _generate_vllm(setup, s, flat[s], gen, progress) for s in SIDES}
+    else:
+        chunks = [c for s in SIDES for c in gen_chunks(flat[s], batch_size, gen["seed"], s)]
+        files = [
+            setup.cache / f"genbatch_{c.side}_{content_hash(_chunk_ident(setup, c, gen))}.json"
+            for c in chunks
+        ]
+        work = partial(generate_side, **{k: v for k, v in gen.items() if k != "seed"})
+        total = sum(map(len, flat.values()))
+        with tqdm(total=total, desc=f"generating [{label}]", unit="resp",
+                  disable=not progress) as bar:  # fmt: skip
+            both = generate_cached(pool, work, chunks, files, bar)
+        got = {"a": both[: len(flat["a"])], "b": both[len(flat["a"]) :]}
+    return {s: [got[s][i * n_s : (i + 1) * n_s] for i in range(len(setup.prompts))] for s in SIDES}
+
+
+def _chunk_ident(setup: DiffSetup, chunk: Any, gen: dict[str, Any]) -> dict[str, Any]:
+    """What a generation batch's responses depend on (its cache key)."""
+    ident = setup.conditions[chunk.side].identity()
+    return {"p": chunk.prompts, "c": ident, **gen, "seed": chunk.seed}
+
+
+def _generate_vllm(
+    setup: DiffSetup, side: str, flat: list[list[int]], gen: dict[str, Any], progress: bool
+) -> list[list[int]]:
+    """One side's responses to ``flat`` prompt ids with vLLM (here, not on the workers),
+    cached as one file."""
+    from divscope.models.generate import generate_vllm
 
     cond = setup.conditions[side]
-    if backend == "vllm":
-        path = merged_dir(setup, side) if cond.adapter else resolve_model(cond.model)
-        return generate_vllm(
-            path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype,
-            stops=setup.stops[side], progress=progress,
-        )  # fmt: skip
-    desc = f"generating {side.upper()}"
-    with tqdm(total=len(flat), desc=desc, unit="resp", disable=not progress) as bar:
-        return generate_hf(
-            setup.models[side], setup.tokenizers[side], flat, batch_size=batch_size,
-            progress=bar, **gen,
-        )  # fmt: skip
+    f = (
+        setup.cache
+        / f"gen_{side}_{content_hash({'p': flat, 'c': cond.identity(), **gen, 'b': 'vllm'})}.json"
+    )
+    if f.exists():
+        return json.loads(f.read_text())
+    if cond.adapter and not hasattr(setup.models[side], "save_pretrained"):
+        raise DiffInputError(
+            f"{cond.label}: vLLM loads an adapter as the merged model, which the driver makes "
+            "from its own copy. Fix: drop --ray / --workers with --backend vllm and an adapter"
+        )
+    path = merged_dir(setup, side) if cond.adapter else resolve_model(cond.model)
+    got = generate_vllm(
+        path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype,
+        stops=setup.stops[side], progress=progress,
+    )  # fmt: skip
+    atomic_write_text(f, json.dumps(got), overwrite=True)
+    return got
 
 
 def merged_dir(setup: DiffSetup, side: str) -> str:
@@ -219,28 +265,41 @@ def check_seams(setup: DiffSetup, responses: Responses) -> dict[str, Any]:
 
 
 def score_units(
-    setup: DiffSetup, responses: Responses, *, top_k: int, progress: bool
+    setup: DiffSetup,
+    responses: Responses,
+    pool: Pool,
+    *,
+    top_k: int,
+    progress: bool,
+    label: str = "in-process",
 ) -> tuple[dict[int, PairScores], int]:
-    """Every prompt's unit, through the cache. Returns units by prompt and how many were cached."""
+    """Every prompt's unit, through the cache: cached units are read here, the rest run on
+    ``pool`` and are written as they arrive. Returns units in prompt order and how many were
+    cached."""
     from tqdm.auto import tqdm
 
-    units: dict[int, PairScores] = {}
-    n_cached = 0
-    for i in tqdm(
-        range(len(setup.prompts)), desc="teacher forcing", unit="prompt", disable=not progress
-    ):
+    found: dict[int, PairScores] = {}
+    files: dict[int, Path] = {}
+    todo: list[tuple[int, PromptPair]] = []
+    for i in range(len(setup.prompts)):
         pair = PromptPair(
             setup.prompt_ids["a"][i], setup.prompt_ids["b"][i], {s: responses[s][i] for s in SIDES}
         )
-        f = setup.cache / f"unit_{content_hash({'pair': pair.__dict__, 'top_k': top_k})}.npz"
-        unit = read_unit(f)
+        files[i] = setup.cache / f"unit_{content_hash({'pair': pair.__dict__, 'top_k': top_k})}.npz"
+        unit = read_unit(files[i])
         if unit is None:
-            unit = score_prompt_pair(setup.models["a"], setup.models["b"], pair, top_k=top_k)
-            write_unit(f, unit)
+            todo.append((i, pair))
         else:
-            n_cached += 1
-        units[i] = unit
-    return units, n_cached
+            found[i] = unit
+    n_cached = len(found)
+    desc = f"teacher forcing [{label}]"
+    with tqdm(total=len(setup.prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+        bar.update(n_cached)
+        for i, unit in pool.map(partial(score_pair_on, top_k=top_k), todo):
+            write_unit(files[i], unit)
+            found[i] = unit
+            bar.update(1)
+    return {i: found[i] for i in range(len(setup.prompts))}, n_cached
 
 
 _FIELDS = tuple(SideScores.__dataclass_fields__)
@@ -313,32 +372,46 @@ def run_diff(
     progress: bool = True,
     loaded: dict[str, tuple[Any, Any]] | None = None,
     unit_cache: str | Path | None = None,
+    ray: str | None = None,
+    workers: int = 1,
+    executor: Executor | None = None,
 ) -> DiffResult:
     """Diff conditions ``a`` and ``b`` on ``prompts`` (DESIGN.md, pipeline 3).
 
     ``metric`` None ranks by ``kl``, or by ``mc_kl`` per byte when the two tokenizers differ
     (then no exact values exist: each side's responses are cross-scored as text, see
     :func:`cross_scored_records`); asking for an exact metric on two tokenizers is an error.
+    ``ray`` (``"local"`` or a cluster address) and ``workers`` run generation and scoring on
+    Ray workers that each load both conditions themselves
+    (:func:`divscope.execution.make_executor`); ``executor`` passes one already made.
     """
     if metric is not None and metric not in METRICS:
         raise DiffInputError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
     t0 = time.perf_counter()
-    setup = prepare(
-        a, b, prompts, device=device, loaded=loaded, unit_cache=unit_cache,
-        exact=metric is not None and metric != "mc_kl",
-    )  # fmt: skip
-    timings = {"load_models": time.perf_counter() - t0}
-    params = {"samples": samples, "max_new_tokens": max_new_tokens, "temperature": temperature}
-    params |= {"top_p": top_p, "seed": seed}
-    responses = generate_samples(setup, params, backend=backend, progress=progress)
-    timings["generate"] = time.perf_counter() - t0 - timings["load_models"]
-    seams = check_seams(setup, responses)
-    if not setup.same_tokenizer:
-        return text_diff(setup, responses, params, seams, timings, n_bootstrap, seed, t0)
+    with executor_for(executor, ray, workers, device) as ex:
+        setup = prepare(
+            a, b, prompts, device=device, loaded=loaded, unit_cache=unit_cache,
+            exact=metric is not None and metric != "mc_kl", weights=not ex.remote,
+        )  # fmt: skip
+        timings = {"load_models": time.perf_counter() - t0}
+        params = {"samples": samples, "max_new_tokens": max_new_tokens}
+        params |= {"temperature": temperature, "top_p": top_p, "seed": seed}
+        local = None if ex.remote else {s: (setup.models[s], setup.tokenizers[s]) for s in SIDES}
+        with ex.pool(partial(load_conditions, setup.conditions, device), local) as pool:
+            responses = generate_samples(
+                setup, params, pool, backend=backend, progress=progress, label=ex.label
+            )
+            timings["generate"] = time.perf_counter() - t0 - timings["load_models"]
+            seams = check_seams(setup, responses)
+            if not setup.same_tokenizer:
+                return text_diff(setup, responses, params, seams, timings, n_bootstrap, seed, t0)
+            t2 = time.perf_counter()
+            units, n_cached = score_units(
+                setup, responses, pool, top_k=top_k, progress=progress, label=ex.label
+            )
+            timings["teacher_force"] = time.perf_counter() - t2
+        described = ex.describe()
     metric = metric or "kl"
-    t2 = time.perf_counter()
-    units, n_cached = score_units(setup, responses, top_k=top_k, progress=progress)
-    timings["teacher_force"] = time.perf_counter() - t2
     ranking = build_ranking(setup, units, metric=metric)
     ordered = [units[i] for i in range(len(prompts))]
     summary = {
@@ -359,6 +432,7 @@ def run_diff(
         tokens_scored=sum(u.n_positions for u in units.values()),
         units=len(units),
         units_from_cache=n_cached,
+        executor=described,
     )
     return DiffResult(setup, responses, units, ranking, summary, changed, meta)
 

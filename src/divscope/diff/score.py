@@ -21,6 +21,7 @@ import torch
 
 from divscope.divergence.attribution import WhatChanged
 from divscope.divergence.fused import js_and_kls_from_logits
+from divscope.models.generate import GenChunk, generate_chunk
 from divscope.models.teacher_force import (
     fp32_logits,
     output_head,
@@ -73,6 +74,21 @@ class PairScores:
     sides: dict[str, SideScores]
     changed: np.ndarray  # (3, V) float64: sums of P_B - P_A, w (log P_B - log P_A), w
     n_positions: int
+
+
+def score_pair_on(
+    loaded: dict[str, tuple[Any, Any]], pair: PromptPair, *, top_k: int
+) -> PairScores:
+    """:func:`score_prompt_pair` with a worker's two models (side -> ``(model, tokenizer)``)."""
+    return score_prompt_pair(loaded["a"][0], loaded["b"][0], pair, top_k=top_k)
+
+
+def generate_side(
+    loaded: dict[str, tuple[Any, Any]], chunk: GenChunk, **gen: Any
+) -> list[list[int]]:
+    """One generation chunk with the model of the chunk's side."""
+    model, tok = loaded[chunk.side or "a"]
+    return generate_chunk(model, tok, chunk, **gen)
 
 
 RESPONSE_BATCH = 8  # responses per forward pass: bounds the working memory whatever S is

@@ -245,21 +245,10 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     return True
 
 
-def load_model(name: str, *, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` for a hub name, local path or packaged short name.
+def _tokenizer(name: str) -> tuple[str, bool, Any]:
+    """``(path, local_only, tokenizer)`` of a model name (see :func:`load_model`)."""
+    from transformers import AutoTokenizer
 
-    Raises:
-        ModelNotFoundError: ``name`` is none of those (or its package is not installed); the
-            hub is not waited for when it cannot be reached.
-        DeviceError: ``device`` is not available on this machine.
-        ValueError: ``dtype`` is not one of :data:`DTYPES`.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_device(device)
-    if dtype not in DTYPES:
-        raise DeviceError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path = resolve_model(name)
     local_only = not Path(path).is_dir() and not hub_reachable()
     try:
@@ -271,8 +260,49 @@ def load_model(name: str, *, device: str = "cpu", dtype: str = "float32") -> tup
             f"directory, and not loadable from the hub ({where}). Fix: use a packaged name, "
             "a directory with config.json, or a hub name with network access"
         ) from e
+    return path, local_only, tok
+
+
+def load_model(name: str, *, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for a hub name, local path or packaged short name.
+
+    Raises:
+        ModelNotFoundError: ``name`` is none of those (or its package is not installed); the
+            hub is not waited for when it cannot be reached.
+        DeviceError: ``device`` is not available on this machine, or ``dtype`` is not one of
+            :data:`DTYPES`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_device(device)
+    if dtype not in DTYPES:
+        raise DeviceError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    path, local_only, tok = _tokenizer(name)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), local_files_only=local_only
     )
     model.to(device).eval()
     return model, tok
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """A model without its weights: what a driver needs when its workers hold the model
+    (``config`` for the layer count and hidden size, ``generation_config`` for stop tokens)."""
+
+    config: Any
+    generation_config: Any
+
+
+def load_meta(name: str) -> tuple[ModelMeta, Any]:
+    """``(ModelMeta, tokenizer)`` of a model name, reading no weights (see :func:`load_model`)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    path, local_only, tok = _tokenizer(name)
+    config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    try:
+        gen = GenerationConfig.from_pretrained(path, local_files_only=local_only)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    return ModelMeta(config, gen), tok

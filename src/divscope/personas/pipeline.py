@@ -4,7 +4,9 @@
 outputs in its signature. The unit of work (one question's responses under every persona) is
 :func:`divscope.personas.units.score_question`; units are cached by content under
 ``<cache>/personas/<model key>/`` (model, prompt ids, response ids, parameters), so a rerun is
-instant and an interrupted run resumes.
+instant and an interrupted run resumes. Units run on an executor (:mod:`divscope.execution`):
+in this process (the default) or on Ray workers that each hold the model; the driver writes
+every result to the cache and aggregates in question order, so the numbers are the same.
 """
 
 from __future__ import annotations
@@ -12,17 +14,27 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
-from divscope.models.load import cache_dir, load_model, resolve_model
-from divscope.models.teacher_force import PERSONA_BATCH, UnitScores, output_head
+from divscope.models.generate import gen_chunks, generate_cached
+from divscope.models.load import cache_dir, load_meta, load_model, resolve_model
+from divscope.models.teacher_force import PERSONA_BATCH, UnitScores
 from divscope.personas.data import Persona, Question
 from divscope.personas.matrices import aggregate, check_matrices, cosine_matrices, twin_deviation
-from divscope.personas.units import QuestionUnit, UnitCache, score_question
+from divscope.personas.units import (
+    QuestionUnit,
+    Scorer,
+    UnitCache,
+    generate_on,
+    load_scorer,
+    score_on,
+)
 from divscope.runmeta import (
     atomic_write_json,
     atomic_write_text,
@@ -72,7 +84,8 @@ class PersonaResult:
 class Setup:
     """What every step needs: the model, its prompts for every (persona, question), the cache.
 
-    ``all_personas`` is ``personas`` plus the noise-floor twin when there is one; ``prompt_ids``
+    ``model`` is the loaded model, or only its :class:`divscope.models.load.ModelMeta` when
+    the workers hold the model (a remote executor). ``all_personas`` is ``personas`` plus the noise-floor twin when there is one; ``prompt_ids``
     is indexed ``[persona][question]`` over ``all_personas``.
     """
 
@@ -118,11 +131,15 @@ def prepare(
     layers: list[int] | None,
     noise_floor: bool,
     unit_cache: str | Path | None,
+    weights: bool = True,
 ) -> Setup:
-    """Load the model (unless ``loaded``), render every prompt, open the unit cache."""
+    """Load the model (unless ``loaded``; without its ``weights`` when workers hold it), render
+    every prompt, open the unit cache."""
     from divscope.models.generate import stop_ids
 
-    model, tok = loaded or load_model(model_name, device=device, dtype=dtype)
+    if loaded is None:
+        loaded = load_model(model_name, device=device, dtype=dtype) if weights else None
+    model, tok = loaded or load_meta(model_name)
     path = resolve_model(model_name)  # a packaged name is its converted directory (vLLM)
     key = model_key(model_name, path, dtype)
     n_layers = model.config.num_hidden_layers
@@ -157,46 +174,45 @@ def prepare(
 def generate_responses(
     setup: Setup,
     gen_params: dict[str, Any],
+    pool: Pool,
     *,
     backend: str,
     gen_batch_size: int,
     progress: bool,
+    label: str = "in-process",
 ) -> Responses:
-    """Each persona answers each question (cached per prompt set): ``[g][q]`` -> ids."""
+    """Each persona answers each question: ``[g][q]`` -> ids. With transformers the batches
+    are units on ``pool``, each cached on its own; vLLM runs here and caches the whole set."""
     from tqdm.auto import tqdm
 
     n, n_q = len(setup.personas), len(setup.questions)
     flat = [setup.prompt_ids[g][q] for g in range(n) for q in range(n_q)]
-    gen_file = (
-        setup.cache
-        / f"gen_{content_hash({'prompts': flat, **gen_params, 'backend': backend})}.json"
-    )
-    if gen_file.exists():
-        return json.loads(gen_file.read_text())
     if backend == "hf":
-        from divscope.models.generate import generate_hf
-
-        with tqdm(total=len(flat), desc="generating", unit="resp", disable=not progress) as bar:
-            out = generate_hf(
-                setup.model,
-                setup.tokenizer,
-                flat,
-                batch_size=gen_batch_size,
-                progress=bar,
-                **gen_params,
-            )
+        chunks = gen_chunks(flat, gen_batch_size, gen_params["seed"])
+        keys = [content_hash({"prompts": c.prompts, **gen_params, "seed": c.seed}) for c in chunks]
+        files = [setup.cache / f"genbatch_{k}.json" for k in keys]
+        work = partial(generate_on, **{k: v for k, v in gen_params.items() if k != "seed"})
+        desc = f"generating [{label}]"
+        with tqdm(total=len(flat), desc=desc, unit="resp", disable=not progress) as bar:
+            out = generate_cached(pool, work, chunks, files, bar)
     elif backend == "vllm":
         from divscope.models.generate import generate_vllm
 
-        out = generate_vllm(
-            setup.model_path, setup.tokenizer, flat, **gen_params, dtype=setup.dtype,
-            stops=setup.stops, progress=progress,
-        )  # fmt: skip
+        gen_file = (
+            setup.cache
+            / f"gen_{content_hash({'prompts': flat, **gen_params, 'backend': backend})}.json"
+        )
+        if gen_file.exists():
+            out = json.loads(gen_file.read_text())
+        else:
+            out = generate_vllm(
+                setup.model_path, setup.tokenizer, flat, **gen_params, dtype=setup.dtype,
+                stops=setup.stops, progress=progress,
+            )  # fmt: skip
+            atomic_write_text(gen_file, json.dumps(out), overwrite=True)
     else:
         raise ValueError(f"backend must be 'hf' or 'vllm', not {backend!r}")
-    responses = [out[g * n_q : (g + 1) * n_q] for g in range(n)]
-    atomic_write_text(gen_file, json.dumps(responses), overwrite=True)
-    return responses
+    return [out[g * n_q : (g + 1) * n_q] for g in range(n)]
 
 
 def check_seam(setup: Setup, responses: Responses) -> dict[str, Any]:
@@ -218,12 +234,22 @@ def check_seam(setup: Setup, responses: Responses) -> dict[str, Any]:
 
 
 def score_units(
-    setup: Setup, responses: Responses, *, persona_batch: int | None, progress: bool
+    setup: Setup,
+    responses: Responses,
+    pool: Pool,
+    *,
+    persona_batch: int | None,
+    progress: bool,
+    label: str = "in-process",
+    responses_per_unit: int | None = None,
 ) -> tuple[dict[tuple[int, int], UnitScores], int]:
-    """Score every response under every persona, question by question, through the cache.
+    """Score every response under every persona through the cache: cached responses are read
+    here, the rest run on ``pool`` (a unit: one question's uncached responses, or blocks of
+    ``responses_per_unit`` of them) and are written as they arrive.
 
     Returns:
-        (generator, question) -> :class:`UnitScores`, and how many came from the cache.
+        (generator, question) -> :class:`UnitScores` in (question, generator) order, and how
+        many came from the cache.
     """
     from tqdm.auto import tqdm
 
@@ -231,36 +257,40 @@ def score_units(
     n, n_q = len(personas), len(questions)
     params = {"layers": setup.layers, "dtype": setup.dtype, "twin": setup.noise_floor}
     cache = UnitCache(setup.cache, params)
-    tok = setup.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    head = output_head(setup.model)
-    units: dict[tuple[int, int], UnitScores] = {}
-    n_cached = 0
-    with tqdm(total=n * n_q, desc="teacher forcing", unit="resp", disable=not progress) as bar:
-        for q in range(n_q):
-            prompts = [setup.prompt_ids[o][q] for o in range(len(setup.all_personas))]
-            files = {g: cache.path(prompts, responses[g][q], g, g == 0) for g in range(n)}
-            todo = {}
-            for g in range(n):
-                u = cache.read(files[g], hidden=g == 0, n_personas=len(prompts))
-                if u is not None:
-                    units[(g, q)] = u
-                    n_cached += 1
-                elif not responses[g][q]:
-                    raise RuntimeError(
-                        f"persona {personas[g].name!r} generated nothing for "
-                        f"question {questions[q].id!r}"
-                    )
-                else:
-                    todo[g] = responses[g][q]
-            unit = QuestionUnit(prompts, todo, 0, setup.layers)
-            for g, u in score_question(
-                setup.model, unit, persona_batch=persona_batch, pad_id=pad, head=head
-            ).items():
-                cache.write(files[g], u)
-                units[(g, q)] = u
-            bar.update(n)
-    return units, n_cached
+    found: dict[tuple[int, int], UnitScores] = {}
+    files: dict[tuple[int, int], Path] = {}
+    todo: list[tuple[int, QuestionUnit]] = []
+    for q in range(n_q):
+        prompts = [setup.prompt_ids[o][q] for o in range(len(setup.all_personas))]
+        missing = {}
+        for g in range(n):
+            files[(g, q)] = cache.path(prompts, responses[g][q], g, g == 0)
+            u = cache.read(files[(g, q)], hidden=g == 0, n_personas=len(prompts))
+            if u is not None:
+                found[(g, q)] = u
+            elif not responses[g][q]:
+                raise RuntimeError(
+                    f"persona {personas[g].name!r} generated nothing for "
+                    f"question {questions[q].id!r}"
+                )
+            else:
+                missing[g] = responses[g][q]
+        gens = sorted(missing)
+        size = responses_per_unit or len(gens) or 1
+        for b in range(0, len(gens), size):
+            block = {g: missing[g] for g in gens[b : b + size]}
+            todo.append(((q, b), QuestionUnit(prompts, block, 0, setup.layers)))
+    n_cached = len(found)
+    desc = f"teacher forcing [{label}]"
+    with tqdm(total=n * n_q, desc=desc, unit="resp", disable=not progress) as bar:
+        bar.update(n_cached)
+        work = partial(score_on, persona_batch=persona_batch)
+        for (q, _), scored in pool.map(work, todo):
+            for g, u in scored.items():
+                cache.write(files[(g, q)], u)
+                found[(g, q)] = u
+            bar.update(len(scored))
+    return {(g, q): found[(g, q)] for q in range(n_q) for g in range(n)}, n_cached
 
 
 def per_prompt_rows(setup: Setup, units: dict[tuple[int, int], UnitScores]) -> list[dict[str, Any]]:
@@ -331,8 +361,10 @@ def run_metadata_record(
     units: dict[tuple[int, int], UnitScores],
     n_cached: int,
     timings: dict[str, float],
+    executor: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run's metadata: parameters, model identity, template warnings, counts, timings."""
+    """The run's metadata: parameters, model identity, template warnings, counts, executor,
+    timings."""
     renderer, ids = setup.renderer, [p for row in setup.prompt_ids for p in row]
     return run_metadata(
         "personas",
@@ -348,6 +380,7 @@ def run_metadata_record(
         tokens_scored=sum(u.n_tokens for u in units.values()) * len(setup.all_personas),
         units=len(units),
         units_from_cache=n_cached,
+        executor=executor or {"kind": "in-process", "workers": 1},
         timings_s=timings,
     )
 
@@ -371,13 +404,21 @@ def run_personas(
     progress: bool = True,
     loaded: tuple[Any, Any] | None = None,
     unit_cache: str | Path | None = None,
+    ray: str | None = None,
+    workers: int = 1,
+    executor: Executor | None = None,
+    responses_per_unit: int | None = None,
 ) -> PersonaResult:
     """Run the persona pipeline (DESIGN.md, pipeline 2) and return its result.
 
     Matrices (means over questions, nats; g = generating persona, o = other): see
     :func:`divscope.personas.matrices.aggregate`. ``loaded`` passes an already loaded
     ``(model, tokenizer)``; ``unit_cache`` overrides where units are cached (default
-    ``<cache>/personas``).
+    ``<cache>/personas``). ``ray`` (``"local"`` or a cluster address) and ``workers`` run
+    generation and scoring on Ray workers that each load ``model_name`` themselves
+    (:func:`divscope.execution.make_executor`); ``executor`` passes one already made.
+    ``responses_per_unit`` cuts a question's responses into units of that many (default: one
+    unit per question); the numbers do not depend on it.
 
     Raises:
         PersonaCheckError: A consistency check failed (the result is attached as
@@ -385,21 +426,29 @@ def run_personas(
         TemplateSeamError: The chat template breaks the prompt/response seam.
     """
     t0 = time.perf_counter()
-    setup = prepare(
-        model_name, personas, questions, loaded=loaded, device=device, dtype=dtype,
-        layers=layers, noise_floor=noise_floor, unit_cache=unit_cache,
-    )  # fmt: skip
-    timings = {"load_model": time.perf_counter() - t0}
-    gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-    gen["seed"] = seed
-    responses = generate_responses(
-        setup, gen, backend=backend, gen_batch_size=gen_batch_size, progress=progress
-    )
-    timings["generate"] = time.perf_counter() - t0 - timings["load_model"]
-    seam = check_seam(setup, responses)
-    t2 = time.perf_counter()
-    units, n_cached = score_units(setup, responses, persona_batch=persona_batch, progress=progress)
-    timings["teacher_force"] = time.perf_counter() - t2
+    with executor_for(executor, ray, workers, device) as ex:
+        setup = prepare(
+            model_name, personas, questions, loaded=loaded, device=device, dtype=dtype,
+            layers=layers, noise_floor=noise_floor, unit_cache=unit_cache, weights=not ex.remote,
+        )  # fmt: skip
+        timings = {"load_model": time.perf_counter() - t0}
+        gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+        gen["seed"] = seed
+        local = None if ex.remote else Scorer(setup.model, setup.tokenizer)
+        with ex.pool(partial(load_scorer, model_name, device, dtype), local) as pool:
+            responses = generate_responses(
+                setup, gen, pool, backend=backend, gen_batch_size=gen_batch_size,
+                progress=progress, label=ex.label,
+            )  # fmt: skip
+            timings["generate"] = time.perf_counter() - t0 - timings["load_model"]
+            seam = check_seam(setup, responses)
+            t2 = time.perf_counter()
+            units, n_cached = score_units(
+                setup, responses, pool, persona_batch=persona_batch, progress=progress,
+                label=ex.label, responses_per_unit=responses_per_unit,
+            )  # fmt: skip
+            timings["teacher_force"] = time.perf_counter() - t2
+        described = ex.describe()
     matrices = aggregate(units, len(personas), len(questions))
     checks = check(setup, matrices, units, seam)
     timings["total"] = time.perf_counter() - t0
@@ -415,7 +464,7 @@ def run_personas(
         per_prompt_rows(setup, units),
         cosine_matrices(hidden_states(setup, units), setup.layers),
         checks,
-        run_metadata_record(setup, params, units, n_cached, timings),
+        run_metadata_record(setup, params, units, n_cached, timings, described),
     )
     raise_if_failed(result)
     return result

@@ -2,7 +2,8 @@
 
 :func:`score_question` is the work itself: it takes the model and a plain
 :class:`QuestionUnit` (token ids and settings) and returns plain :class:`UnitScores` (numpy
-arrays), so it can run in another process that holds its own copy of the model.
+arrays), so it can run in another process that holds its own copy of the model: a worker keeps a
+:class:`Scorer` (:func:`load_scorer`) and runs :func:`score_on` and :func:`generate_on` on it.
 :class:`UnitCache` keeps each response's scores on disk by content (model, prompt ids,
 response ids, parameters): a rerun reads them back and an interrupted run resumes.
 """
@@ -10,14 +11,21 @@ response ids, parameters): a rerun reads them back and an interrupted run resume
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from divscope.bounded import ArrayFileError, read_unit_arrays, write_unit_arrays
-from divscope.models.teacher_force import PromptKV, UnitScores, prompt_kv, teacher_force
+from divscope.models.generate import GenChunk, generate_chunk
+from divscope.models.teacher_force import (
+    PromptKV,
+    UnitScores,
+    output_head,
+    prompt_kv,
+    teacher_force,
+)
 from divscope.runmeta import content_hash
 
 
@@ -75,6 +83,48 @@ def score_question(
             kv=kv,
         )
     return out
+
+
+@dataclass
+class Scorer:
+    """What a worker keeps: the model, its tokenizer, the fp32 output head (built once, on
+    first use)."""
+
+    model: Any
+    tokenizer: Any
+    _head: tuple[Any, Any, float | None] | None = field(default=None, repr=False)
+
+    @property
+    def head(self) -> tuple[Any, Any, float | None]:
+        if self._head is None:
+            self._head = output_head(self.model)
+        return self._head
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+
+def load_scorer(name: str, device: str, dtype: str) -> Scorer:
+    """A worker's :class:`Scorer`: the model loaded by name (on a Ray worker, once)."""
+    from divscope.models.load import load_model
+
+    return Scorer(*load_model(name, device=device, dtype=dtype))
+
+
+def score_on(
+    scorer: Scorer, unit: QuestionUnit, *, persona_batch: int | None
+) -> dict[int, UnitScores]:
+    """:func:`score_question` with the scorer's model, head and padding id."""
+    return score_question(
+        scorer.model, unit, persona_batch=persona_batch, pad_id=scorer.pad_id, head=scorer.head
+    )
+
+
+def generate_on(scorer: Scorer, chunk: GenChunk, **gen: Any) -> list[list[int]]:
+    """One generation chunk with the scorer's model (transformers)."""
+    return generate_chunk(scorer.model, scorer.tokenizer, chunk, **gen)
 
 
 class UnitCache:
