@@ -23,6 +23,7 @@ BENCHES = (
     ("ranking", "bench_ranking", [], "ranking.json"),
     ("diff", "bench_diff", [], "diff.json"),
     ("losses", "bench_losses", [], "losses_memory.json"),
+    ("persona_rerun", "bench_rerun", [], "persona_rerun.json"),
 )
 
 

@@ -62,6 +62,7 @@ class PersonaResult:
     cosine: dict[str, Any]
     checks: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    cache: Path | None = None  # this model's unit cache (explanations are cached there too)
 
     @property
     def names(self) -> list[str]:
@@ -413,6 +414,7 @@ def run_personas(
         cosine_matrices(hidden_states(setup, units), setup.layers),
         checks,
         run_metadata_record(setup, params, units, n_cached, timings),
+        setup.cache,
     )
     raise_if_failed(result)
     return result
