@@ -295,7 +295,9 @@ from divscope.personas.explain import explain_run
 from divscope.report.html import build_report
 from divscope.runmeta import atomic_write_json
 
-explanations = explain_run(*loaded, result.records, names, m["js"], n_pairs=EXPLAIN_PAIRS)
+explanations = explain_run(
+    *loaded, result.records, names, m["js"], n_pairs=EXPLAIN_PAIRS, cache=result.cache
+)
 atomic_write_json(run_dir / "explain.json", explanations)
 for ex in explanations:
     boosted = ", ".join(repr(t["token"]) for t in ex["what_changed"]["boosted_in_b"][:6])

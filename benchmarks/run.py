@@ -24,6 +24,7 @@ BENCHES = (
     ("diff", "bench_diff", [], "diff.json"),
     ("losses", "bench_losses", [], "losses_memory.json"),
     ("ray", "bench_ray", [], "ray.json"),  # runs itself in a loopback-only network namespace
+    ("persona_rerun", "bench_rerun", [], "persona_rerun.json"),
 )
 
 

@@ -491,3 +491,28 @@ def test_teacher_forcing_and_generation_use_the_current_cache_api(smol, monkeypa
         got = teacher_force(model, prompts, [1, 2, 3], 0, layers=[3], kv=kv)
         generate_hf(model, tok, prompts[:1], max_new_tokens=3)
     assert got.js.shape == (2,) and not [m for m in said if "deprecated" in m], said
+
+
+def test_explanations_are_cached_by_content(smol, small_run, monkeypatch):
+    """A rerun reads each pair's explanation back instead of teacher-forcing again; other
+    options (or other answers) are other files."""
+    import divscope.personas.explain as ex
+
+    result, cache = small_run
+    assert result.cache is not None and result.cache.is_relative_to(cache)
+    js = result.matrices["js"]
+    first = ex.explain_run(*smol, result.records, result.names, js, n_pairs=1, cache=result.cache)
+    files = sorted(result.cache.glob("explain_*.json"))
+    assert len(files) == 1
+
+    def no_work(*a, **k):
+        raise AssertionError("recomputed an explanation the cache holds")
+
+    monkeypatch.setattr(ex, "persona_pair_explanation", no_work)
+    again = ex.explain_run(*smol, result.records, result.names, js, n_pairs=1, cache=result.cache)
+    assert again == json.loads(json.dumps(first))
+    monkeypatch.undo()
+    ex.explain_run(*smol, result.records, result.names, js, n_pairs=1, cache=result.cache, top_k=3)
+    changed = [dict(r, response_token_ids=r["response_token_ids"][:-1]) for r in result.records]
+    ex.explain_run(*smol, changed, result.names, js, n_pairs=1, cache=result.cache)
+    assert len(list(result.cache.glob("explain_*.json"))) == 3

@@ -151,7 +151,12 @@ def _cmd_personas(args: argparse.Namespace) -> int:
         from divscope.runmeta import atomic_write_json
 
         explanations = explain_run(
-            *loaded, result.records, result.names, result.matrices["js"], n_pairs=args.explain_pairs
+            *loaded,
+            result.records,
+            result.names,
+            result.matrices["js"],
+            n_pairs=args.explain_pairs,
+            cache=result.cache,
         )
         written["explain.json"] = atomic_write_json(
             Path(args.out) / "explain.json", explanations, overwrite=True

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,9 @@ import torch
 from divscope.divergence.attribution import WhatChanged
 from divscope.divergence.fused import js_and_kls
 from divscope.models.teacher_force import output_head, response_logprobs
+from divscope.runmeta import atomic_write_json, content_hash
+
+EXPLAIN_FORMAT = 1  # part of every cache key: bump when an explanation's content changes
 
 
 def _tok(tokenizer: Any, i: int) -> str:
@@ -132,15 +137,56 @@ def explain_run(
     js: np.ndarray,
     *,
     n_pairs: int = 2,
+    cache: str | Path | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """:func:`persona_pair_explanation` for the ``n_pairs`` farthest persona pairs by JS."""
+    """:func:`persona_pair_explanation` for the ``n_pairs`` farthest persona pairs by JS.
+
+    With ``cache`` (a directory for this model, e.g. the persona run's unit cache,
+    ``PersonaResult.cache``) each pair's explanation is kept there by content (both personas'
+    prompt and response ids, the tokenizer, the options): a rerun reads it back.
+    """
     prompts = {(r["persona"], r["question_id"]): r["prompt_token_ids"] for r in records}
     iu = np.triu_indices(len(names), 1)
     order = np.argsort(-np.asarray(js)[iu])[:n_pairs]
-    return [
-        persona_pair_explanation(
-            model, tokenizer, records, prompts, names[iu[0][k]], names[iu[1][k]], **kwargs
-        )
-        for k in order
+    out = []
+    for k in order:
+        a, b = names[iu[0][k]], names[iu[1][k]]
+        path = _explain_path(cache, tokenizer, records, prompts, a, b, kwargs) if cache else None
+        if path is not None and path.exists():
+            out.append(json.loads(path.read_text()))
+            continue
+        ex = persona_pair_explanation(model, tokenizer, records, prompts, a, b, **kwargs)
+        if path is not None:
+            atomic_write_json(path, ex, overwrite=True)
+        out.append(ex)
+    return out
+
+
+def _explain_path(
+    cache: str | Path,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    prompts: dict[tuple[str, str], list[int]],
+    a: str,
+    b: str,
+    options: dict[str, Any],
+) -> Path:
+    """Where the explanation of ``a -> b`` lives in ``cache``: addressed by what it reads."""
+    answers = [
+        [r["persona"], r["question_id"], r["response_token_ids"]]
+        for r in records
+        if r["persona"] in (a, b)
     ]
+    key = content_hash(
+        {
+            "format": EXPLAIN_FORMAT,
+            "a": a,
+            "b": b,
+            "prompts": sorted([[p, q, ids] for (p, q), ids in prompts.items() if p in (a, b)]),
+            "answers": answers,
+            "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer)],
+            "options": options,
+        }
+    )
+    return Path(cache) / f"explain_{key}.json"

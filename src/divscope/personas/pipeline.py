@@ -74,6 +74,7 @@ class PersonaResult:
     cosine: dict[str, Any]
     checks: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    cache: Path | None = None  # this model's unit cache (explanations are cached there too)
 
     @property
     def names(self) -> list[str]:
@@ -465,6 +466,7 @@ def run_personas(
         cosine_matrices(hidden_states(setup, units), setup.layers),
         checks,
         run_metadata_record(setup, params, units, n_cached, timings, described),
+        setup.cache,
     )
     raise_if_failed(result)
     return result
