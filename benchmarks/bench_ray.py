@@ -5,17 +5,20 @@ every persona, :func:`divscope.personas.units.score_on`) on the real SmolLM2-135
 plus the noise-floor twin, Q questions (Q units), every persona answering every question with
 T synthetic tokens (the cost does not depend on the content). The same units run
 
-* in-process (:class:`divscope.execution.InProcess`, torch's default threads: 2 here);
-* on Ray with 1 worker (an actor with both CPUs, torch threads 2);
+* in-process (:class:`divscope.execution.InProcess`), with torch's default threads (2 here)
+  and with one;
+* on Ray with 1 worker, with both CPUs (torch threads 2) and with one;
 * on Ray with 2 workers (one CPU and one torch thread each).
 
 Each executor is timed with its workers already holding the model (their start, Ray's start
 and the model loads are reported apart), best of ``--reps`` passes, interleaved because the
 machine is shared (and with Ray's workers at nice 0, not Ray's default 15, for the same
-reason). Reported: seconds and units/s per executor, ``ray_overhead_ratio`` (Ray
-with 1 worker / in-process: on 2 cores two workers cannot beat one), whether every executor
-returned bitwise the same numbers, and the per-unit scheduling cost (a no-op unit's round trip
-through a warm 1-worker pool).
+reason). Reported: seconds and units/s per executor; ``ray_overhead_ratio``: Ray with 1
+worker / in-process at one torch thread each (the same compute, so the ratio is Ray's cost;
+on a busy 2-core machine two-thread runs vary by 2x from run to run, so the two-thread ratio
+is reported beside it); ``ray_units_per_s`` with 2 workers (on 2 cores two workers cannot beat
+one); whether every executor returned bitwise the same numbers; the per-unit scheduling cost
+(a no-op unit's round trip through a warm 1-worker pool).
 
 A local Ray instance here must not touch the network: unless ``--no-namespace``, this module
 re-runs itself in a private network namespace with only loopback
@@ -90,6 +93,7 @@ def same(a: dict, b: dict) -> bool:
 
 def measure(reps: int) -> dict:
     import ray
+    import torch
 
     from divscope.execution.ray_pool import RayExecutor
     from divscope.personas.units import Scorer, load_scorer, score_on
@@ -101,25 +105,34 @@ def measure(reps: int) -> dict:
     # Ray runs workers at nice 15; on a shared machine that measures the neighbours, not Ray
     os.environ.setdefault(NICENESS, "0")
     t0 = time.perf_counter()
-    # logical CPUs for every pool at once (1 + 2 + 1 workers); only one pool runs at a time
-    ray.init(num_cpus=3 * cores, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # logical CPUs for every pool at once; only one pool computes at a time
+    ray.init(num_cpus=4 * cores, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)  # fmt: skip
     startup = {"ray_init": time.perf_counter() - t0}
     seconds: dict[str, float] = {}
     results: dict[str, dict] = {}
+    threads = torch.get_num_threads()
+    # name -> (workers, torch threads per worker); in-process: (0, threads)
+    configs = {"in_process": (0, threads), "in_process_1_thread": (0, 1),
+               "ray_1": (1, cores), "ray_1_1_thread": (1, 1), "ray_2": (2, cores // 2)}  # fmt: skip
     with ExitStack() as stack:
-        pools = {"in_process": stack.enter_context(InProcess().pool(load, Scorer(*loaded)))}
-        list(pools["in_process"].map(work, todo[:1]))  # warm-up (compiles the fused kernels)
-        for k in (1, 2):
+        local = stack.enter_context(InProcess().pool(load, Scorer(*loaded)))
+        list(local.map(work, todo[:1]))  # warm-up (compiles the fused kernels)
+        pools = {}
+        for name, (k, per) in configs.items():
+            if k == 0:
+                pools[name] = local
+                continue
             t0 = time.perf_counter()
-            ex = RayExecutor("local", k, cpus_per_worker=cores // k)
-            pools[f"ray_{k}"] = stack.enter_context(ex.pool(load))
-            list(pools[f"ray_{k}"].map(work, todo[:k]))  # workers start, load, warm up
-            startup[f"ray_{k}_workers_ready"] = time.perf_counter() - t0
+            pools[name] = stack.enter_context(RayExecutor("local", k, cpus_per_worker=per).pool(load))
+            list(pools[name].map(work, todo[:k]))  # workers start, load, warm up
+            startup[f"{name}_workers_ready"] = time.perf_counter() - t0
         for _ in range(reps):  # interleaved: the machine is shared
             for name, pool in pools.items():
+                torch.set_num_threads(configs[name][1] if pool is local else threads)
                 sec, results[name] = timed_pass(pool, work, todo)
                 seconds[name] = min(seconds.get(name, float("inf")), sec)
+        torch.set_num_threads(threads)
         noop = stack.enter_context(RayExecutor("local", 1, cpus_per_worker=cores).pool(int))
         list(noop.map(operator.add, [(0, 0)]))
         t0 = time.perf_counter()
@@ -129,16 +142,19 @@ def measure(reps: int) -> dict:
     n = len(todo)
     ups = {k: n / s for k, s in seconds.items()}
     return {
-        "ray_overhead_ratio": seconds["ray_1"] / seconds["in_process"],
+        "ray_overhead_ratio": seconds["ray_1_1_thread"] / seconds["in_process_1_thread"],
+        "ray_overhead_ratio_2_threads": seconds["ray_1"] / seconds["in_process"],
         "ray_units_per_s": ups["ray_2"],
         "ray_2_workers_speedup_vs_1": seconds["ray_1"] / seconds["ray_2"],
+        "in_process_1_thread_speedup_vs_2": seconds["in_process"] / seconds["in_process_1_thread"],
         "ray_scheduling_seconds_per_unit": per_unit,
-        "scheduling_share_of_a_unit": per_unit / (seconds["in_process"] / n),
+        "scheduling_share_of_a_unit": per_unit / (seconds["in_process_1_thread"] / n),
         "bitwise_equal_to_in_process": all(
-            same(results["in_process"], results[k]) for k in ("ray_1", "ray_2")
+            same(results["in_process"], results[k]) for k in configs if k != "in_process"
         ),
         "seconds": seconds,
         "units_per_s": ups,
+        "threads_per_worker": {k: v[1] for k, v in configs.items()},
         "startup_seconds": startup,
         "workload": {
             "personas": WORKLOAD[0],

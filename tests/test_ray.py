@@ -44,7 +44,7 @@ inside = pytest.mark.skipif(
 MODEL = "smollm2-135m-instruct"
 PIRATE = f"{MODEL},adapter=data/adapters/smollm2-pirate-lora"
 PERSONA_ARGS = ["--n-personas", "3", "--n-questions", "3", "--max-new-tokens", "8"]
-DIFF_ARGS = ["--prompts", "data/prompts/prompts.jsonl", "--max-prompts", "3", "--samples", "2"]
+DIFF_ARGS = ["--prompts", "data/prompts/prompts.jsonl", "--max-prompts", "2", "--samples", "2"]
 DIFF_ARGS += ["--max-new-tokens", "8", "--n-bootstrap", "50"]
 
 
@@ -263,4 +263,4 @@ def test_diff_on_two_workers_equal_one_process(cluster, tmp_path):
     assert ranking["metric"] == "kl" and max(p["scores"]["kl"] for p in ranking["prompts"]) > 0
     meta = json.loads((remote / "metadata.json").read_text())
     assert meta["executor"]["kind"] == "ray" and meta["executor"]["workers"] == 2
-    assert meta["units"] == 3 and meta["units_from_cache"] == 0
+    assert meta["units"] == 2 and meta["units_from_cache"] == 0
