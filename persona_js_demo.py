@@ -8,7 +8,8 @@
 # cosine between the personas' hidden states where generation starts, per layer.
 #
 # Run it cell by cell in VS Code, or whole with `python persona_js_demo.py` (or
-# `make persona-demo`). Results are cached by content, so a rerun is instant. Outputs go to
+# `make persona-demo`). Generations, scores and explanations are cached by content, so a
+# rerun takes a small fraction of the first run (benchmarks/bench_rerun.py). Outputs go to
 # `OUTPUT_DIR/<run>/` and figures to `figures/<run>/`. For Qwen2.5-7B-Instruct on a GPU set
 # MODEL = "Qwen/Qwen2.5-7B-Instruct", BACKEND = "vllm", DEVICE = "cuda", DTYPE = "bfloat16".
 

@@ -3,10 +3,11 @@
 :func:`run_personas` reads as those steps; each is a function below with its inputs and
 outputs in its signature. The unit of work (one question's responses under every persona) is
 :func:`divscope.personas.units.score_question`; units are cached by content under
-``<cache>/personas/<model key>/`` (model, prompt ids, response ids, parameters), so a rerun is
-instant and an interrupted run resumes. Units run on an executor (:mod:`divscope.execution`):
-in this process (the default) or on Ray workers that each hold the model; the driver writes
-every result to the cache and aggregates in question order, so the numbers are the same.
+``<cache>/personas/<model key>/`` (model, prompt ids, response ids, parameters), so a rerun
+neither generates nor teacher-forces again and an interrupted run resumes. Units run on an
+executor (:mod:`divscope.execution`): in this process (the default) or on Ray workers that each
+hold the model; the driver writes every result to the cache and aggregates in question order,
+so the numbers are the same.
 """
 
 from __future__ import annotations
