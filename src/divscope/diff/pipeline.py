@@ -51,7 +51,7 @@ from divscope.diff.score import (
 from divscope.estimators.ranking import Ranking
 from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
-from divscope.models.generate import gen_chunks, generate_cached
+from divscope.models.generate import GenChunk, gen_chunks, generate_cached
 from divscope.models.load import cache_dir, resolve_model
 from divscope.runmeta import atomic_write_text, content_hash, run_metadata
 from divscope.sampling.config import ConfigError, DatasetSpec
@@ -189,7 +189,7 @@ def generate_samples(
     return {s: [got[s][i * n_s : (i + 1) * n_s] for i in range(len(setup.prompts))] for s in SIDES}
 
 
-def _chunk_ident(setup: DiffSetup, chunk: Any, gen: dict[str, Any]) -> dict[str, Any]:
+def _chunk_ident(setup: DiffSetup, chunk: GenChunk, gen: dict[str, Any]) -> dict[str, Any]:
     """What a generation batch's responses depend on (its cache key)."""
     ident = setup.conditions[chunk.side].identity()
     return {"p": chunk.prompts, "c": ident, **gen, "seed": chunk.seed}
@@ -203,10 +203,8 @@ def _generate_vllm(
     from divscope.models.generate import generate_vllm
 
     cond = setup.conditions[side]
-    f = (
-        setup.cache
-        / f"gen_{side}_{content_hash({'p': flat, 'c': cond.identity(), **gen, 'b': 'vllm'})}.json"
-    )
+    key = content_hash({"p": flat, "c": cond.identity(), **gen, "b": "vllm"})
+    f = setup.cache / f"gen_{side}_{key}.json"
     if f.exists():
         return json.loads(f.read_text())
     if cond.adapter and not hasattr(setup.models[side], "save_pretrained"):

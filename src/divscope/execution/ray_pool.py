@@ -181,53 +181,75 @@ class _RayPool:
         if not queue:
             return
         self._start()
-        ex, name = self.ex, getattr(getattr(work, "func", work), "__name__", "work")
-        idle = deque(range(len(self.actors)))
-        running: dict[Any, tuple[int, Hashable, Any]] = {}  # ref -> (worker, key, unit)
-        pinging: dict[Any, int] = {}  # ref of a health check -> worker
-        failures = dict.fromkeys(range(len(self.actors)), 0)
-        attempts: dict[Hashable, int] = {}
-        done: set[Hashable] = set()
-        while queue or running:
-            while queue and idle:
-                w = idle.popleft()
-                key, unit = queue.popleft()
-                ref = self.actors[w].run.remote(work, unit)
-                running[ref] = (w, key, unit)
-                ex.in_flight[w] = (key, name)
-            if not running and not pinging:
-                raise WorkersLostError(f"every Ray worker is gone; {len(queue)} units left")
-            (ref,), _ = ray.wait([*running, *pinging], num_returns=1)
-            if ref in pinging:
-                w = pinging.pop(ref)
-                try:
-                    ex.pids[w] = ray.get(ref)
-                    idle.append(w)
-                except RayTaskError as e:
-                    raise _cause(e) from None
-                except LOST:
-                    failures[w] += 1
-                    if failures[w] <= MAX_RESTARTS:
-                        time.sleep(0.5)
-                        pinging[self.actors[w].setup.remote()] = w
-                continue
-            w, key, unit = running.pop(ref)
-            ex.in_flight.pop(w, None)
-            try:
-                result = ray.get(ref)
-            except RayTaskError as e:
-                raise _cause(e) from None
-            except LOST as e:
-                attempts[key] = attempts.get(key, 0) + 1
-                ex.retried.append(key)
-                if attempts[key] >= MAX_ATTEMPTS:
-                    raise WorkersLostError(
-                        f"unit {key!r} lost its worker {attempts[key]} times: {e}"
-                    ) from e
-                queue.appendleft((key, unit))
-                pinging[self.actors[w].setup.remote()] = w  # back in the pool once reloaded
-                continue
-            idle.append(w)
-            if key not in done:
-                done.add(key)
-                yield key, result
+        run = _Run(self.ex, self.actors, work, queue)
+        while run.queue or run.running:
+            run.dispatch()
+            (ref,), _ = ray.wait([*run.running, *run.pinging], num_returns=1)
+            if ref in run.pinging:
+                run.checked(ref)
+            elif (got := run.finished(ref)) is not None:
+                yield got
+
+
+class _Run:
+    """One :meth:`_RayPool.map`: the queue, the units in flight, the workers being checked."""
+
+    def __init__(self, ex: RayExecutor, actors: list[Any], work: Callable, queue: deque) -> None:
+        self.ex, self.actors, self.work, self.queue = ex, actors, work, queue
+        self.name = getattr(getattr(work, "func", work), "__name__", "work")
+        self.idle = deque(range(len(actors)))
+        self.running: dict[Any, tuple[int, Hashable, Any]] = {}  # ref -> (worker, key, unit)
+        self.pinging: dict[Any, int] = {}  # ref of a health check -> worker
+        self.failures = dict.fromkeys(range(len(actors)), 0)
+        self.attempts: dict[Hashable, int] = {}
+        self.done: set[Hashable] = set()
+
+    def dispatch(self) -> None:
+        """One unit to every idle worker while units are queued."""
+        while self.queue and self.idle:
+            w = self.idle.popleft()
+            key, unit = self.queue.popleft()
+            self.running[self.actors[w].run.remote(self.work, unit)] = (w, key, unit)
+            self.ex.in_flight[w] = (key, self.name)
+        if not self.running and not self.pinging:
+            raise WorkersLostError(f"every Ray worker is gone; {len(self.queue)} units left")
+
+    def check(self, w: int) -> None:
+        """Ask worker ``w`` to (re)load its state: back in the pool once it answers."""
+        self.pinging[self.actors[w].setup.remote()] = w
+
+    def checked(self, ref: Any) -> None:
+        w = self.pinging.pop(ref)
+        try:
+            self.ex.pids[w] = ray.get(ref)
+            self.idle.append(w)
+        except RayTaskError as e:
+            raise _cause(e) from None
+        except LOST:
+            self.failures[w] += 1
+            if self.failures[w] <= MAX_RESTARTS:  # else the worker is dropped
+                time.sleep(0.5)
+                self.check(w)
+
+    def finished(self, ref: Any) -> tuple[Hashable, Any] | None:
+        """The unit's ``(key, result)``; None when its worker died (the unit is queued again)
+        or the key was already yielded."""
+        w, key, unit = self.running.pop(ref)
+        self.ex.in_flight.pop(w, None)
+        try:
+            result = ray.get(ref)
+        except RayTaskError as e:
+            raise _cause(e) from None
+        except LOST as e:
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            self.ex.retried.append(key)
+            if self.attempts[key] >= MAX_ATTEMPTS:
+                raise WorkersLostError(f"unit {key!r} lost its worker {MAX_ATTEMPTS} times") from e
+            self.queue.appendleft((key, unit))
+            self.check(w)
+            return None
+        self.idle.append(w)
+        if key in self.done:
+            return None
+        self.done.add(key)
+        return key, result

@@ -87,8 +87,9 @@ class Setup:
     """What every step needs: the model, its prompts for every (persona, question), the cache.
 
     ``model`` is the loaded model, or only its :class:`divscope.models.load.ModelMeta` when
-    the workers hold the model (a remote executor). ``all_personas`` is ``personas`` plus the noise-floor twin when there is one; ``prompt_ids``
-    is indexed ``[persona][question]`` over ``all_personas``.
+    the workers hold the model (a remote executor). ``all_personas`` is ``personas`` plus the
+    noise-floor twin when there is one; ``prompt_ids`` is indexed ``[persona][question]`` over
+    ``all_personas``.
     """
 
     model: Any
@@ -202,7 +203,7 @@ def generate_responses(
 
         gen_file = (
             setup.cache
-            / f"gen_{content_hash({'prompts': flat, **gen_params, 'backend': backend})}.json"
+            / f"genvllm_{content_hash({'prompts': flat, **gen_params, 'backend': backend})}.json"
         )
         if gen_file.exists():
             out = json.loads(gen_file.read_text())
