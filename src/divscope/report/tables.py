@@ -259,14 +259,14 @@ def checks_table(checks: Mapping[str, Any], descriptions: Mapping[str, str]) -> 
     for k, v in checks.items():
         if not isinstance(v, Mapping):
             continue
-        row = {"ok": "ok" if v.get("ok") else "FAIL", "check": k}
+        row = {"status": "ok" if v.get("ok") else "FAIL", "check": k}
         row |= {"tests": descriptions.get(k, ""), "measured": fmt_items(v, skip=("ok",)) or "-"}
         row["measured (what it tests)"] = f"{row['measured']} ({row['tests']})"
         rows.append(row)
     return Table(
         rows,
-        ["ok", "check", "measured", "tests"],
-        text_columns=["ok", "check", "measured (what it tests)"],
+        ["status", "check", "measured", "tests"],
+        text_columns=["status", "check", "measured (what it tests)"],
         flex=("measured (what it tests)",),
     )
 
