@@ -276,8 +276,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, llama_server):  # 
     target = None
     deadline = time.time() + 120
     while time.time() < deadline:  # kill it as soon as some, not all, prompts are written
-        files = list((cut_dir / "results").glob("t_*/smol-a.jsonl"))
-        if files and files[0].read_text().count("\n") >= 1:
+        # a prompt is done once it is in both models' files (appended one after the other:
+        # a kill between the two leaves none done, and the resume below would find none)
+        files = sorted((cut_dir / "results").glob("t_*/smol-?.jsonl"))
+        if len(files) == 2 and all(f.read_text().count("\n") >= 1 for f in files):
             target = files[0]
             break
         time.sleep(0.05)
