@@ -42,7 +42,7 @@ inside = pytest.mark.skipif(
     not INSIDE, reason="runs inside the loopback namespace (test_ray_suite_in_a_loopback_namespace)"
 )
 MODEL = "smollm2-135m-instruct"
-PIRATE = f"{MODEL},adapter=data/adapters/smollm2-pirate-lora"
+PIRATE_PROMPT = "You are a pirate captain who talks like a sailor of the seven seas."
 PERSONA_ARGS = ["--n-personas", "3", "--n-questions", "3", "--max-new-tokens", "8"]
 DIFF_ARGS = ["--prompts", "data/prompts/prompts.jsonl", "--max-prompts", "2", "--samples", "2"]
 DIFF_ARGS += ["--max-new-tokens", "8", "--n-bootstrap", "50"]
@@ -224,8 +224,8 @@ def test_a_killed_worker_loses_nothing(cluster, personas_in_process, tmp_path):
 
 @inside
 def test_a_killed_driver_resumes_from_the_cache(cluster, personas_in_process, tmp_path):
-    """SIGKILL the CLI's driver process after its first question is cached; rerun: the cached
-    questions are not scored again, and the outputs equal the in-process run."""
+    """SIGKILL the CLI's driver process once its first answer is cached; rerun: the cached
+    answers are not scored again, and the outputs equal the in-process run."""
     cache = _cache_home(tmp_path / "cache")
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "divscope", "personas", *PERSONA_ARGS, "--explain-pairs", "0",
@@ -239,7 +239,7 @@ def test_a_killed_driver_resumes_from_the_cache(cluster, personas_in_process, tm
     err = driver.communicate()[1].decode(errors="replace")
     assert driver.returncode == -signal.SIGKILL, err[-2000:]
     n_before = len(_unit_files(cache))
-    assert 3 <= n_before < 9 and not out.exists()
+    assert 1 <= n_before < 9 and not out.exists()  # a question may be cached in part
     _cli(argv[3:], cache)
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["units_from_cache"] == n_before and meta["units"] == 9
@@ -248,7 +248,9 @@ def test_a_killed_driver_resumes_from_the_cache(cluster, personas_in_process, tm
 
 @inside
 def test_diff_on_two_workers_equal_one_process(cluster, tmp_path):
-    base = ["diff", "--a", MODEL, "--b", PIRATE, *DIFF_ARGS, "--quiet"]
+    # B: the same model told to be a pirate (no adapter: peft's import would cost every
+    # worker seconds; adapters load through the same function in-process, test_diff.py)
+    base = ["diff", "--a", MODEL, "--b", MODEL, "--system-b", PIRATE_PROMPT, *DIFF_ARGS, "--quiet"]
     local, remote = tmp_path / "local", tmp_path / "ray"
     _cli([*base, "--out", str(local)], _cache_home(tmp_path / "c1"))
     _cli([*base, "--out", str(remote), "--ray", cluster, "--workers", "2"],
