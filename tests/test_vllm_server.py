@@ -204,7 +204,9 @@ def test_sample_and_cross_score(tmp_path, server, smol, capsys):
     a, b = load_pair(run / "smol-a.jsonl", run / "smol-b.jsonl")
     ranking = rank_prompts(a, b, n_bootstrap=50)
     for p in ranking.prompts:  # one model against itself: only numerical drift remains
-        assert abs(p.scores["mc_kl"]) < 0.05 and p.scores["topk_js_lb"] < 0.01
+        assert abs(p.scores["mc_kl"]) < 0.05
+        if "topk_js_lb" in ranking.available:  # only when every cross-score is token-aligned
+            assert p.scores["topk_js_lb"] < 0.01
     out = capsys.readouterr()
     assert_no_secret(tmp_path, out.out, out.err)
 
