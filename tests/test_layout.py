@@ -3,6 +3,7 @@ and the public entry points stay where the README and the demos say."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_pipeline_stages_form_a_dag():
     edges: dict[str, set[str]] = {}
     for m, deps in graph().items():
         edges.setdefault(stage(m), set()).update(stage(d) for d in deps if stage(d) != stage(m))
-    # the top level (cli, runmeta, gcpause, the losses entry point) is used by and uses stages;
+    # the top level (runmeta, gcpause, the losses entry point) is used by and uses stages;
     # only the CLI and the entry points may reach down, so check the stages among themselves
     stages = {s: {d for d in deps if d != "<top>"} for s, deps in edges.items() if s != "<top>"}
     assert find_cycle(stages) is None, stages
@@ -111,7 +112,7 @@ def test_only_runmeta_bounded_and_gcpause_are_shared_top_level_modules():
         ("divscope.personas.data", ["load_personas", "load_questions"]),
         ("divscope.estimators.ranking", ["rank_prompts", "category_summary"]),
         ("divscope.report.html", ["build_report"]),
-        ("divscope.cli", ["main"]),
+        ("divscope.cli", ["main", "build_parser", "format_ranking"]),
         ("divscope.diff.pipeline", ["run_diff", "read_prompts"]),
         ("divscope.diff.outputs", ["write_outputs"]),
     ],
@@ -127,3 +128,26 @@ def test_losses_entry_point_is_the_implementation():
 
     assert losses.KLRegularizer is impl.KLRegularizer
     assert losses.kl_divergence is impl.kl_divergence
+
+
+def test_nothing_in_the_engine_imports_the_cli():
+    """The CLI is the top: it uses the stages, no stage (or top-level module) uses it."""
+    users = {
+        m
+        for m, deps in graph().items()
+        if not m.startswith("divscope.cli") and any(d.startswith("divscope.cli") for d in deps)
+    }
+    assert users <= {"divscope.__main__"}, users
+
+
+def test_each_cli_command_is_one_module_with_its_parser_and_handler():
+    """Adding a command is one module (``add_parser``, ``run``) and its entry in COMMANDS."""
+    from divscope import cli
+
+    shared = {"__init__", "__main__", "common"}
+    modules = {p.stem for p in (PKG / "cli").glob("*.py")} - shared
+    assert {m.__name__.rsplit(".", 1)[-1] for m in cli.COMMANDS} == modules
+    (sub,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(sub.choices) == [m.__name__.rsplit(".", 1)[-1] for m in cli.COMMANDS]
+    for m in cli.COMMANDS:
+        assert callable(m.add_parser) and callable(m.run)
