@@ -12,7 +12,6 @@ cache and aggregates in prompt order, so the numbers are the same.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
 from divscope.models.generate import GenChunk, gen_chunks, generate_cached
 from divscope.models.load import cache_dir, resolve_model
-from divscope.runmeta import atomic_write_text, content_hash, run_metadata
+from divscope.runmeta import content_hash, run_metadata
 from divscope.sampling.config import ConfigError, DatasetSpec
 from divscope.sampling.prompts import PromptItem, load_prompts
 
@@ -77,6 +76,7 @@ class DiffSetup:
     key: str
     cache: Path
     same_tokenizer: bool = True
+    identities: dict[str, dict[str, Any]] = field(default_factory=dict)  # Condition.identity
 
 
 @dataclass
@@ -148,11 +148,14 @@ def prepare(
     prompt_ids = {
         s: [renderers[s].prompt_ids(conds[s].system, p.prompt) for p in prompts] for s in SIDES
     }
-    key = content_hash({s: c.identity() for s, c in conds.items()})
+    identities = {s: c.identity() for s, c in conds.items()}
+    key = content_hash(identities)
     cache = (Path(unit_cache) if unit_cache else cache_dir() / "diff") / key
     cache.mkdir(parents=True, exist_ok=True)
     stops = {s: stop_ids(toks[s], models[s]) for s in SIDES}
-    return DiffSetup(conds, models, toks, renderers, prompts, prompt_ids, stops, key, cache, same)
+    return DiffSetup(
+        conds, models, toks, renderers, prompts, prompt_ids, stops, key, cache, same, identities
+    )
 
 
 def generate_samples(
@@ -191,7 +194,7 @@ def generate_samples(
 
 def _chunk_ident(setup: DiffSetup, chunk: GenChunk, gen: dict[str, Any]) -> dict[str, Any]:
     """What a generation batch's responses depend on (its cache key)."""
-    ident = setup.conditions[chunk.side].identity()
+    ident = setup.identities[chunk.side]
     return {"p": chunk.prompts, "c": ident, **gen, "seed": chunk.seed}
 
 
@@ -200,13 +203,14 @@ def _generate_vllm(
 ) -> list[list[int]]:
     """One side's responses to ``flat`` prompt ids with vLLM (here, not on the workers),
     cached as one file."""
-    from divscope.models.generate import generate_vllm
+    from divscope.models.generate import generate_vllm, read_responses, write_responses
 
     cond = setup.conditions[side]
-    key = content_hash({"p": flat, "c": cond.identity(), **gen, "b": "vllm"})
+    key = content_hash({"p": flat, "c": setup.identities[side], **gen, "b": "vllm"})
     f = setup.cache / f"gen_{side}_{key}.json"
-    if f.exists():
-        return json.loads(f.read_text())
+    cached = read_responses(f, len(flat))
+    if cached is not None:
+        return cached
     if cond.adapter and not hasattr(setup.models[side], "save_pretrained"):
         raise DiffInputError(
             f"{cond.label}: vLLM loads an adapter as the merged model, which the driver makes "
@@ -217,7 +221,7 @@ def _generate_vllm(
         path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype,
         stops=setup.stops[side], progress=progress,
     )  # fmt: skip
-    atomic_write_text(f, json.dumps(got), overwrite=True)
+    write_responses(f, got)
     return got
 
 
@@ -227,8 +231,7 @@ def merged_dir(setup: DiffSetup, side: str) -> str:
     import shutil
     import tempfile
 
-    cond = setup.conditions[side]
-    out = cache_dir() / "merged" / content_hash(cond.identity())
+    out = cache_dir() / "merged" / content_hash(setup.identities[side])
     if not (out / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
