@@ -50,7 +50,7 @@ from divscope.diff.score import (
 from divscope.estimators.ranking import Ranking
 from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
-from divscope.models.generate import GenChunk, gen_chunks, generate_cached
+from divscope.models.generate import GenChunk, gen_chunks, generate_cached, sampling_record
 from divscope.models.load import cache_dir, resolve_model
 from divscope.runmeta import content_hash, run_metadata
 from divscope.sampling.config import ConfigError, DatasetSpec
@@ -193,9 +193,11 @@ def generate_samples(
 
 
 def _chunk_ident(setup: DiffSetup, chunk: GenChunk, gen: dict[str, Any]) -> dict[str, Any]:
-    """What a generation batch's responses depend on (its cache key)."""
+    """What a generation batch's responses depend on (its cache key): prompts, model, the
+    effective sampling settings, seed."""
     ident = setup.identities[chunk.side]
-    return {"p": chunk.prompts, "c": ident, **gen, "seed": chunk.seed}
+    sampling = sampling_record(gen["temperature"], gen["top_p"], "hf")
+    return {"p": chunk.prompts, "c": ident, **gen, "seed": chunk.seed, "s": sampling}
 
 
 def _generate_vllm(
@@ -206,7 +208,8 @@ def _generate_vllm(
     from divscope.models.generate import generate_vllm, read_responses, write_responses
 
     cond = setup.conditions[side]
-    key = content_hash({"p": flat, "c": setup.identities[side], **gen, "b": "vllm"})
+    sampling = sampling_record(gen["temperature"], gen["top_p"], "vllm")
+    key = content_hash({"p": flat, "c": setup.identities[side], **gen, "s": sampling})
     f = setup.cache / f"gen_{side}_{key}.json"
     cached = read_responses(f, len(flat))
     if cached is not None:
@@ -396,7 +399,7 @@ def run_diff(
         )  # fmt: skip
         timings = {"load_models": time.perf_counter() - t0}
         params = {"samples": samples, "max_new_tokens": max_new_tokens}
-        params |= {"temperature": temperature, "top_p": top_p, "seed": seed}
+        params |= {"temperature": temperature, "top_p": top_p, "seed": seed, "backend": backend}
         local = None if ex.remote else {s: (setup.models[s], setup.tokenizers[s]) for s in SIDES}
         with ex.pool(partial(load_conditions, setup.conditions, device), local) as pool:
             responses = generate_samples(
@@ -423,12 +426,13 @@ def run_diff(
     cats = {i: p.category for i, p in enumerate(prompts)}
     changed = what_changed(units, cats, lambda t: decode([t]))
     timings["total"] = time.perf_counter() - t0
-    params |= {"metric": metric, "top_k": top_k, "n_bootstrap": n_bootstrap, "backend": backend}
+    params |= {"metric": metric, "top_k": top_k, "n_bootstrap": n_bootstrap}
     meta = diff_metadata(
         setup,
         {**params, "device": device, "n_prompts": len(prompts)},
         seams,
         timings,
+        sampling=sampling_record(temperature, top_p, backend),
         warnings=[w for r in setup.renderers.values() for w in r.warnings],
         tokens_scored=sum(u.n_positions for u in units.values()),
         units=len(units),
@@ -550,5 +554,6 @@ def text_diff(
     summary = {"notes": [ranking.notes[0]], "exact": False}
     timings["total"] = time.perf_counter() - t0
     params = {**params, "metric": "mc_kl", "n_prompts": len(setup.prompts)}
-    meta = diff_metadata(setup, params, seams, timings, same_tokenizer=False)
+    sampling = sampling_record(params["temperature"], params["top_p"], params["backend"])
+    meta = diff_metadata(setup, params, seams, timings, sampling=sampling, same_tokenizer=False)
     return DiffResult(setup, responses, {}, ranking, summary, {}, meta, records)

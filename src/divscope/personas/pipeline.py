@@ -22,7 +22,7 @@ import numpy as np
 
 from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
-from divscope.models.generate import gen_chunks, generate_cached
+from divscope.models.generate import gen_chunks, generate_cached, sampling_record
 from divscope.models.load import (
     cache_dir,
     load_meta,
@@ -191,9 +191,13 @@ def generate_responses(
 
     n, n_q = len(setup.personas), len(setup.questions)
     flat = [setup.prompt_ids[g][q] for g in range(n) for q in range(n_q)]
+    sampling = sampling_record(gen_params["temperature"], gen_params["top_p"], backend)
     if backend == "hf":
         chunks = gen_chunks(flat, gen_batch_size, gen_params["seed"])
-        keys = [content_hash({"prompts": c.prompts, **gen_params, "seed": c.seed}) for c in chunks]
+        keys = [
+            content_hash({"prompts": c.prompts, **gen_params, "seed": c.seed, "s": sampling})
+            for c in chunks
+        ]
         files = [setup.cache / f"genbatch_{k}.json" for k in keys]
         work = partial(generate_on, **{k: v for k, v in gen_params.items() if k != "seed"})
         desc = f"generating [{label}]"
@@ -204,7 +208,7 @@ def generate_responses(
 
         gen_file = (
             setup.cache
-            / f"genvllm_{content_hash({'prompts': flat, **gen_params, 'backend': backend})}.json"
+            / f"genvllm_{content_hash({'prompts': flat, **gen_params, 's': sampling})}.json"
         )
         out = read_responses(gen_file, len(flat))
         if out is None:
@@ -376,6 +380,7 @@ def run_metadata_record(
         model_path=setup.model_path,
         model_key=setup.model_key,
         dtype=params["dtype"],
+        sampling=sampling_record(params["temperature"], params["top_p"], params["backend"]),
         warnings=renderer.warnings,
         bos_token=setup.tokenizer.bos_token,
         bos_tokens_per_prompt=sorted({renderer.bos_count(p) for p in ids}),
