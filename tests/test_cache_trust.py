@@ -17,7 +17,7 @@ from divscope.bounded import ArrayFileError, read_unit_arrays, write_unit_arrays
 from divscope.diff.conditions import Condition
 from divscope.diff.pipeline import run_diff
 from divscope.execution.executors import InProcess
-from divscope.models.generate import GenChunk, generate_cached, write_responses
+from divscope.models.generate import GenChunk, generate_cached
 from divscope.models.teacher_force import UnitScores
 from divscope.personas.data import Persona, Question
 from divscope.personas.pipeline import run_personas
@@ -78,6 +78,9 @@ def tiny_personas(model: Path, cache: Path, **kwargs):  # noqa: ANN201
 def test_new_weights_under_the_same_config_are_new_cache_entries(tmp_path):
     model, cache = save_tiny_model(tmp_path / "m", 0), tmp_path / "cache"
     first = tiny_diff(model, cache)
+    sampling = first.metadata["sampling"]  # the effective settings are on record (item 2)
+    assert sampling["temperature"] == 1.0 and sampling["top_p"] == 1.0
+    assert sampling["top_k"] == 0 and sampling["repetition_penalty"] == 1.0
     config = (model / "config.json").read_text()
     save_tiny_model(model, 1)  # new weights, the same config.json
     assert (model / "config.json").read_text() == config
@@ -93,6 +96,9 @@ def test_new_weights_under_the_same_config_are_new_cache_entries(tmp_path):
 def test_persona_pipeline_keys_on_the_weights(tmp_path):
     model, cache = save_tiny_model(tmp_path / "m", 0), tmp_path / "cache"
     first = tiny_personas(model, cache)
+    sampling = first.metadata["sampling"]
+    assert sampling["temperature"] == 1.0 and sampling["top_k"] == 0
+    assert "full vocabulary" in sampling["distribution"]
     save_tiny_model(model, 1)
     again = tiny_personas(model, cache)
     assert again.metadata["units_from_cache"] == 0
@@ -174,6 +180,8 @@ def test_generation_batches_swapped_truncated_or_padded_are_regenerated(tmp_path
 
 
 def test_a_batch_holding_the_wrong_number_of_responses_is_regenerated(tmp_path):
+    from divscope.models.generate import write_responses
+
     work = Counting()
     want = _cached(tmp_path, work)
     write_responses(tmp_path / "genbatch_a_1111.json", [[1, 2, 3]])  # valid, but one short
@@ -218,18 +226,22 @@ def test_personas_with_a_truncated_or_padded_generation_batch_recompute(tmp_path
 
 
 def test_unit_npz_with_a_flipped_data_byte_is_a_warning_and_recomputed(tmp_path):
+    """The byte lies past what the header check reads: only reading the member meets the
+    zip's CRC (old code: zipfile.BadZipFile as a traceback)."""
     path = tmp_path / "unit_0123abcd.npz"
     js = np.array([0.125, 0.25, 0.375], np.float32)
-    UnitCache.write(path, UnitScores(js, js * 2, js * 3, 7, None))
+    hidden = np.random.default_rng(0).normal(size=(3, 4, 2000)).astype(np.float32)
+    UnitCache.write(path, UnitScores(js, js * 2, js * 3, 7, hidden))
     data = bytearray(path.read_bytes())
-    at = bytes(data).index(js.tobytes())
-    data[at + 1] ^= 0x01  # one bit of js's data: the zip member's CRC no longer matches
+    at = bytes(data).index(hidden.tobytes()[-64:])
+    data[at + 5] ^= 0x01  # one bit near the end of the hidden states' data
     path.write_bytes(bytes(data))
-    with pytest.raises(ArrayFileError, match="cannot be read"):
-        read_unit_arrays(path, path.stem, {"js": ("f", (3,)), "kl_fwd": ("f", (3,)),
-                                           "kl_rev": ("f", (3,)), "n_tokens": ("iu", ())})  # fmt: skip
+    spec = {k: ("f", (3,)) for k in ("js", "kl_fwd", "kl_rev")}
+    spec |= {"n_tokens": ("iu", ()), "hidden": ("f", (3, -1, -1))}
+    with pytest.raises(ArrayFileError, match="CRC"):
+        read_unit_arrays(path, path.stem, spec)
     with pytest.warns(UserWarning, match=f"{path.name}.*recomputing"):
-        assert UnitCache.read(path, hidden=False, n_personas=3) is None
+        assert UnitCache.read(path, hidden=True, n_personas=3) is None
 
 
 def test_unit_npz_with_a_broken_deflate_stream(tmp_path):

@@ -76,9 +76,7 @@ def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
 
 def draw(model, tok, n: int, **gen) -> np.ndarray:  # noqa: ANN001
     """Counts per token of ``n`` single-token draws after PROMPT, through ``generate_hf``."""
-    got = generate_hf(
-        model, tok, [PROMPT] * n, max_new_tokens=1, batch_size=1000, seed=1, **gen
-    )
+    got = generate_hf(model, tok, [PROMPT] * n, max_new_tokens=1, batch_size=1000, seed=1, **gen)
     assert all(len(r) == 1 for r in got)
     return np.bincount([r[0] for r in got], minlength=VOCAB)
 

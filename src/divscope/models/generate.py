@@ -173,6 +173,7 @@ def _vllm_top_k_off(sampling_params: Any) -> int:
     default = sampling_params().top_k
     return default if default in (0, -1) else -1
 
+
 _ENGINES: dict[tuple[str, str], Any] = {}
 
 
@@ -296,10 +297,8 @@ def _responses_problem(n: int) -> Callable[[Any], str | None]:
     def problem(value: Any) -> str | None:
         if not isinstance(value, list) or len(value) != n:
             return f"does not hold {n} responses"
-        for r in value:
-            if not isinstance(r, list) or not all(
-                type(t) is int and t >= 0 for t in r  # noqa: E721 - bool is not a token id
-            ):
+        for r in value:  # type(): a bool is not a token id
+            if not isinstance(r, list) or not all(type(t) is int and t >= 0 for t in r):
                 return "holds a response that is not a list of token ids"
         return None
 
