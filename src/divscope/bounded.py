@@ -8,15 +8,18 @@ linear in the distinct objects, and refuses past a bound set relative to the fil
 ``np.load`` trusts a file's headers: a zip member declares its uncompressed size and an ``.npy``
 header its shape, and memory follows them before a byte of data is checked (a 2 MB zip of zeros
 declares gigabytes). :func:`open_npz` reads every member's headers first. Cache units
-(:func:`write_unit_arrays`, :func:`read_unit_arrays`) also carry a checksum of their content and
-their cache key, so a truncated, tampered or renamed unit is recomputed instead of used.
+(:func:`write_unit_arrays`, :func:`read_unit_arrays`; JSON ones: :func:`write_unit_json`,
+:func:`read_unit_json`) also carry a checksum of their content and their cache key, so a
+truncated, tampered or renamed unit is recomputed instead of used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from divscope.runmeta import atomic_write
+from divscope.runmeta import atomic_write, atomic_write_text, json_text
 
 MAX_DEPTH = 64
 NODES_PER_BYTE, MIN_NODES = 4, 100_000  # real files: 0.2 objects per byte (pickle), <1 (YAML)
@@ -131,13 +134,17 @@ def read_yaml(path: Path) -> Any:
     return raw
 
 
+# what reading a damaged zip member raises: a bad CRC or header, a broken deflate stream, a
+# short member
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError)
 MAX_EXPANSION = 64  # declared uncompressed bytes per byte on disk (.npy compresses far less)
 MIN_BUDGET = 256 * 2**20  # small files may still hold this much (sparse or constant arrays)
 _CHECKSUM = "sha256"
 
 
 class ArrayFileError(ValueError):
-    """An ``.npz`` file that is not what it claims (the message names the file and problem)."""
+    """An ``.npz`` file (or a cache unit) that is not what it claims (the message names the
+    file and problem)."""
 
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
@@ -196,7 +203,7 @@ def open_npz(path: Path, *, max_expansion: int = MAX_EXPANSION) -> np.lib.npyio.
                         f"file (more than {budget}): a zip bomb or a corrupt file",
                     )
                 _member_size(zf, info, path)
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
+    except _ZIP_ERRORS as e:
         raise ArrayFileError(path, f"not a readable .npz ({e})") from e
     return np.load(path, allow_pickle=False)
 
@@ -235,8 +242,11 @@ def read_unit_arrays(
             raise ArrayFileError(path, f"holds {sorted(names)}, expected {sorted(spec)}")
         if _CHECKSUM not in z.files:
             raise ArrayFileError(path, "has no checksum (written by an older divscope)")
-        arrays = {name: z[name] for name in spec}
-        stored = z[_CHECKSUM]
+        try:  # members are read (and their CRCs checked) only here
+            arrays = {name: z[name] for name in spec}
+            stored = z[_CHECKSUM]
+        except (*_ZIP_ERRORS, ValueError) as e:
+            raise ArrayFileError(path, f"a member cannot be read ({e})") from e
     for name, (kinds, shape) in spec.items():
         a = arrays[name]
         if (
@@ -250,3 +260,44 @@ def read_unit_arrays(
     if not np.array_equal(stored, _checksum(key, arrays)):
         raise ArrayFileError(path, "its checksum does not match its content (corrupt or edited)")
     return arrays
+
+
+def _json_checksum(key: str, value: Any) -> str:
+    return hashlib.sha256(json.dumps([key, value], sort_keys=True).encode()).hexdigest()
+
+
+def write_unit_json(path: Path, key: str, value: Any) -> None:
+    """Write a JSON-able ``value`` with its cache ``key`` and a checksum of both, atomically."""
+    doc = {"key": key, "value": value, _CHECKSUM: _json_checksum(key, value)}
+    atomic_write_text(path, json_text(doc), overwrite=True)
+
+
+def read_unit_json(path: Path, key: str, check: Callable[[Any], str | None]) -> Any:
+    """A value written by :func:`write_unit_json` under ``key``, checked.
+
+    Args:
+        path: The unit file.
+        key: Its cache key: a file written under another key (renamed, or swapped with
+            another unit) fails.
+        check: What is wrong with the value (None when nothing is), after the checksum.
+
+    Raises:
+        ArrayFileError: Not UTF-8 JSON (truncated, NUL-padded), another key, a checksum that
+            does not match, or a value that ``check`` refuses; the message names the file.
+    """
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ArrayFileError(path, f"is not a readable JSON unit ({str(e)[:100]})") from e
+    except OSError as e:
+        raise ArrayFileError(path, f"cannot be read ({e.strerror})") from e
+    if not isinstance(doc, dict) or set(doc) != {"key", "value", _CHECKSUM}:
+        raise ArrayFileError(path, "is not a divscope cache unit (written by an older divscope?)")
+    if doc["key"] != key:
+        raise ArrayFileError(path, f"was written for another unit ({str(doc['key'])[:80]!r})")
+    if doc[_CHECKSUM] != _json_checksum(key, doc["value"]):
+        raise ArrayFileError(path, "its checksum does not match its content (corrupt or edited)")
+    problem = check(doc["value"])
+    if problem is not None:
+        raise ArrayFileError(path, problem)
+    return doc["value"]

@@ -11,7 +11,6 @@ Examples: ``smollm2-135m-instruct``, ``smollm2-135m-instruct,adapter=data/adapte
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,18 +43,15 @@ class Condition:
         return name
 
     def identity(self) -> dict[str, Any]:
-        """What makes this condition's outputs what they are (for cache keys)."""
-        ident: dict[str, Any] = {"model": self.model, "dtype": self.dtype, "system": self.system}
-        for f in ("config.json", "divscope.json"):
-            p = Path(self.model) / f
-            if p.exists():
-                ident[f] = p.read_text()
+        """What makes this condition's outputs what they are (for cache keys): the model's
+        and the adapter's weights (:func:`divscope.models.load.model_identity`), the dtype and
+        the system prompt. Computed once per pipeline run (it stats the weight files)."""
+        from divscope.models.load import dir_identity, model_identity
+
+        ident: dict[str, Any] = {**model_identity(self.model), "dtype": self.dtype}
+        ident["system"] = self.system
         if self.adapter:
-            h = hashlib.sha256()
-            for f in sorted(Path(self.adapter).iterdir()):
-                if f.is_file():
-                    h.update(f.name.encode() + f.read_bytes())
-            ident["adapter"] = h.hexdigest()
+            ident["adapter"] = dir_identity(Path(self.adapter), full=True)
         return ident
 
 

@@ -12,7 +12,6 @@ cache and aggregates in prompt order, so the numbers are the same.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -51,9 +50,9 @@ from divscope.diff.score import (
 from divscope.estimators.ranking import Ranking
 from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
-from divscope.models.generate import GenChunk, gen_chunks, generate_cached
+from divscope.models.generate import GenChunk, gen_chunks, generate_cached, sampling_record
 from divscope.models.load import cache_dir, resolve_model
-from divscope.runmeta import atomic_write_text, content_hash, run_metadata
+from divscope.runmeta import content_hash, run_metadata
 from divscope.sampling.config import ConfigError, DatasetSpec
 from divscope.sampling.prompts import PromptItem, load_prompts
 
@@ -77,6 +76,7 @@ class DiffSetup:
     key: str
     cache: Path
     same_tokenizer: bool = True
+    identities: dict[str, dict[str, Any]] = field(default_factory=dict)  # Condition.identity
 
 
 @dataclass
@@ -148,11 +148,14 @@ def prepare(
     prompt_ids = {
         s: [renderers[s].prompt_ids(conds[s].system, p.prompt) for p in prompts] for s in SIDES
     }
-    key = content_hash({s: c.identity() for s, c in conds.items()})
+    identities = {s: c.identity() for s, c in conds.items()}
+    key = content_hash(identities)
     cache = (Path(unit_cache) if unit_cache else cache_dir() / "diff") / key
     cache.mkdir(parents=True, exist_ok=True)
     stops = {s: stop_ids(toks[s], models[s]) for s in SIDES}
-    return DiffSetup(conds, models, toks, renderers, prompts, prompt_ids, stops, key, cache, same)
+    return DiffSetup(
+        conds, models, toks, renderers, prompts, prompt_ids, stops, key, cache, same, identities
+    )
 
 
 def generate_samples(
@@ -190,9 +193,11 @@ def generate_samples(
 
 
 def _chunk_ident(setup: DiffSetup, chunk: GenChunk, gen: dict[str, Any]) -> dict[str, Any]:
-    """What a generation batch's responses depend on (its cache key)."""
-    ident = setup.conditions[chunk.side].identity()
-    return {"p": chunk.prompts, "c": ident, **gen, "seed": chunk.seed}
+    """What a generation batch's responses depend on (its cache key): prompts, model, the
+    effective sampling settings, seed."""
+    ident = setup.identities[chunk.side]
+    sampling = sampling_record(gen["temperature"], gen["top_p"], "hf")
+    return {"p": chunk.prompts, "c": ident, **gen, "seed": chunk.seed, "s": sampling}
 
 
 def _generate_vllm(
@@ -200,13 +205,15 @@ def _generate_vllm(
 ) -> list[list[int]]:
     """One side's responses to ``flat`` prompt ids with vLLM (here, not on the workers),
     cached as one file."""
-    from divscope.models.generate import generate_vllm
+    from divscope.models.generate import generate_vllm, read_responses, write_responses
 
     cond = setup.conditions[side]
-    key = content_hash({"p": flat, "c": cond.identity(), **gen, "b": "vllm"})
+    sampling = sampling_record(gen["temperature"], gen["top_p"], "vllm")
+    key = content_hash({"p": flat, "c": setup.identities[side], **gen, "s": sampling})
     f = setup.cache / f"gen_{side}_{key}.json"
-    if f.exists():
-        return json.loads(f.read_text())
+    cached = read_responses(f, len(flat))
+    if cached is not None:
+        return cached
     if cond.adapter and not hasattr(setup.models[side], "save_pretrained"):
         raise DiffInputError(
             f"{cond.label}: vLLM loads an adapter as the merged model, which the driver makes "
@@ -217,7 +224,7 @@ def _generate_vllm(
         path, setup.tokenizers[side], flat, **gen, dtype=cond.dtype,
         stops=setup.stops[side], progress=progress,
     )  # fmt: skip
-    atomic_write_text(f, json.dumps(got), overwrite=True)
+    write_responses(f, got)
     return got
 
 
@@ -227,8 +234,7 @@ def merged_dir(setup: DiffSetup, side: str) -> str:
     import shutil
     import tempfile
 
-    cond = setup.conditions[side]
-    out = cache_dir() / "merged" / content_hash(cond.identity())
+    out = cache_dir() / "merged" / content_hash(setup.identities[side])
     if not (out / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -393,7 +399,7 @@ def run_diff(
         )  # fmt: skip
         timings = {"load_models": time.perf_counter() - t0}
         params = {"samples": samples, "max_new_tokens": max_new_tokens}
-        params |= {"temperature": temperature, "top_p": top_p, "seed": seed}
+        params |= {"temperature": temperature, "top_p": top_p, "seed": seed, "backend": backend}
         local = None if ex.remote else {s: (setup.models[s], setup.tokenizers[s]) for s in SIDES}
         with ex.pool(partial(load_conditions, setup.conditions, device), local) as pool:
             responses = generate_samples(
@@ -420,12 +426,13 @@ def run_diff(
     cats = {i: p.category for i, p in enumerate(prompts)}
     changed = what_changed(units, cats, lambda t: decode([t]))
     timings["total"] = time.perf_counter() - t0
-    params |= {"metric": metric, "top_k": top_k, "n_bootstrap": n_bootstrap, "backend": backend}
+    params |= {"metric": metric, "top_k": top_k, "n_bootstrap": n_bootstrap}
     meta = diff_metadata(
         setup,
         {**params, "device": device, "n_prompts": len(prompts)},
         seams,
         timings,
+        sampling=sampling_record(temperature, top_p, backend),
         warnings=[w for r in setup.renderers.values() for w in r.warnings],
         tokens_scored=sum(u.n_positions for u in units.values()),
         units=len(units),
@@ -547,5 +554,6 @@ def text_diff(
     summary = {"notes": [ranking.notes[0]], "exact": False}
     timings["total"] = time.perf_counter() - t0
     params = {**params, "metric": "mc_kl", "n_prompts": len(setup.prompts)}
-    meta = diff_metadata(setup, params, seams, timings, same_tokenizer=False)
+    sampling = sampling_record(params["temperature"], params["top_p"], params["backend"])
+    meta = diff_metadata(setup, params, seams, timings, sampling=sampling, same_tokenizer=False)
     return DiffResult(setup, responses, {}, ranking, summary, {}, meta, records)

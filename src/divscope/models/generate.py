@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from divscope.runmeta import atomic_write_text
+from divscope.bounded import ArrayFileError, read_unit_json, write_unit_json
 
 
 def stop_ids(tokenizer: Any, model: Any | None = None) -> set[int]:
@@ -37,6 +39,76 @@ def _cut(ids: list[int], stops: set[int]) -> list[int]:
     return ids
 
 
+# Every setting that could reshape the sampled distribution, at its neutral value: a model's
+# generation_config.json (top_k=50, a repetition penalty, ...) never reaches the samples.
+HF_NEUTRAL: dict[str, Any] = {
+    "top_k": 0,  # 0: off (None would mean the model's, or transformers' default of 50)
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "renormalize_logits": False,
+    "num_beams": 1,
+}
+
+
+def sampling_record(temperature: float, top_p: float, backend: str = "hf") -> dict[str, Any]:
+    """The effective sampling settings of a generation (for run metadata): what the samples'
+    distribution is, and every setting passed to the backend to keep it exactly that."""
+    if temperature == 0:
+        return {"backend": backend, "distribution": "greedy (argmax at every position)"}
+    neutral = HF_NEUTRAL if backend == "hf" else {"top_k": "off", **VLLM_NEUTRAL}
+    return {
+        "backend": backend,
+        "distribution": "softmax(logits / temperature), cut to its top_p nucleus"
+        if top_p < 1
+        else "softmax(logits / temperature): the full vocabulary",
+        "temperature": temperature,
+        "top_p": top_p,
+        **neutral,
+    }
+
+
+def generation_config(
+    temperature: float, top_p: float, *, max_new_tokens: int, pad: int, stops: set[int]
+) -> Any:
+    """The ``GenerationConfig`` of :func:`generate_hf`: greedy at ``temperature == 0``,
+    otherwise sampling from ``softmax(logits / temperature)`` cut to its ``top_p`` nucleus,
+    every other processor off (:data:`HF_NEUTRAL`). Use it with :func:`only_this_config`."""
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    settings: dict[str, Any] = {"do_sample": sample}
+    if sample:
+        settings |= {"temperature": temperature, "top_p": top_p, **HF_NEUTRAL}
+    return GenerationConfig(
+        **settings, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stops)
+    )
+
+
+@contextmanager
+def only_this_config(model: Any, config: Any) -> Iterator[None]:
+    """``model.generate`` sees ``config`` alone while inside: transformers fills every setting
+    a passed config leaves unset from ``model.generation_config`` (a top-k, a repetition
+    penalty, suppressed tokens), so that is swapped for ``config`` and restored after."""
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def generate_hf(
     model: Any,
@@ -50,13 +122,18 @@ def generate_hf(
     batch_size: int = 16,
     progress: Any = None,
 ) -> list[list[int]]:
-    """Batched generation with left padding; greedy when ``temperature == 0``.
+    """Batched generation with left padding; greedy when ``temperature == 0``, otherwise
+    sampled from exactly ``softmax(logits / temperature)`` cut to its ``top_p`` nucleus
+    (:func:`generation_config`: the model's own generation settings are not applied).
 
     Returns the generated ids per prompt, cut after the first stop token (kept).
     """
     device = next(model.parameters()).device
     stops = stop_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    config = generation_config(
+        temperature, top_p, max_new_tokens=max_new_tokens, pad=pad, stops=stops
+    )
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -67,24 +144,34 @@ def generate_hf(
             ids[i, length - len(p) :] = torch.tensor(p)
             mask[i, length - len(p) :] = 1
         torch.manual_seed(seed + start)
-        kwargs: dict[str, Any] = {"do_sample": temperature > 0}
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=sorted(stops),
-            **kwargs,
-        )
+        with only_this_config(model, config):
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
         for row in gen[:, length:].tolist():
             out.append(_cut(row, stops))
         if progress is not None:
             progress.update(len(batch))
     return out
+
+
+# vLLM's settings that could reshape the sampled distribution, at their neutral values (an
+# explicit SamplingParams does not take the model's generation_config; said anyway). top_k is
+# off at SamplingParams' own default, -1 or 0 depending on the vLLM version
+# (:func:`_vllm_top_k_off`); logit_bias, bad_words and allowed_token_ids stay unset.
+VLLM_NEUTRAL: dict[str, Any] = {
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "min_tokens": 0,
+}
+
+
+def _vllm_top_k_off(sampling_params: Any) -> int:
+    """The ``top_k`` that means "all tokens" to this vLLM (-1 before 0.10, 0 after)."""
+    default = sampling_params().top_k
+    return default if default in (0, -1) else -1
 
 
 _ENGINES: dict[tuple[str, str], Any] = {}
@@ -185,23 +272,55 @@ def generate_cached(
     files: list[Path],
     progress: Any = None,
 ) -> list[list[int]]:
-    """Every chunk's responses, in order: from its cache file, or generated by ``pool``
-    (an :class:`divscope.execution.executors.Pool`) and written there as it arrives."""
+    """Every chunk's responses, in order: from its cache file (:func:`read_responses`), or
+    generated by ``pool`` (an :class:`divscope.execution.executors.Pool`) and written there
+    as it arrives."""
     out: dict[int, list[list[int]]] = {}
     todo = []
     for i, (chunk, f) in enumerate(zip(chunks, files, strict=True)):
-        if f.exists():
-            out[i] = json.loads(f.read_text())
+        got = read_responses(f, len(chunk.prompts))
+        if got is not None:
+            out[i] = got
             if progress is not None:
                 progress.update(len(chunk.prompts))
         else:
             todo.append((i, chunk))
     for i, got in pool.map(work, todo):
-        atomic_write_text(files[i], json.dumps(got), overwrite=True)
+        write_responses(files[i], got)
         out[i] = got
         if progress is not None:
             progress.update(len(chunks[i].prompts))
     return [r for i in range(len(chunks)) for r in out[i]]
+
+
+def _responses_problem(n: int) -> Callable[[Any], str | None]:
+    def problem(value: Any) -> str | None:
+        if not isinstance(value, list) or len(value) != n:
+            return f"does not hold {n} responses"
+        for r in value:  # type(): a bool is not a token id
+            if not isinstance(r, list) or not all(type(t) is int and t >= 0 for t in r):
+                return "holds a response that is not a list of token ids"
+        return None
+
+    return problem
+
+
+def read_responses(path: Path, n: int) -> list[list[int]] | None:
+    """``n`` cached responses (token ids), or None when there are none or the file fails its
+    checks (truncated, edited, another batch's: :func:`divscope.bounded.read_unit_json`, the
+    file's name is its key); a failing file is named in a warning and generated again."""
+    if not path.exists():
+        return None
+    try:
+        return read_unit_json(path, path.stem, _responses_problem(n))
+    except ArrayFileError as e:
+        warnings.warn(f"{e}; recomputing this unit", stacklevel=2)
+        return None
+
+
+def write_responses(path: Path, responses: list[list[int]]) -> None:
+    """Cache responses atomically, with their key (the file's name) and checksum."""
+    write_unit_json(path, path.stem, responses)
 
 
 def generate_vllm(
@@ -228,10 +347,13 @@ def generate_vllm(
 
     llm = vllm_engine(model_path, dtype)
     stops = stops or stop_ids(tokenizer)
+    top_k = _vllm_top_k_off(SamplingParams)
     params = [
         SamplingParams(
             temperature=temperature,
             top_p=top_p,
+            top_k=top_k,
+            **VLLM_NEUTRAL,
             max_tokens=max_new_tokens,
             seed=seed + i,
             stop_token_ids=sorted(stops),

@@ -13,6 +13,7 @@ that records how the copy was made.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -306,3 +307,73 @@ def load_meta(name: str) -> tuple[ModelMeta, Any]:
     except OSError:
         gen = GenerationConfig.from_model_config(config)
     return ModelMeta(config, gen), tok
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+CONFIG_FILES = ("config.json", "divscope.json", "adapter_config.json")
+MAX_HEADER = 100 * 2**20  # safetensors caps its JSON header at 100 MB
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """A weight file's identity without reading it: size, ``mtime_ns`` and, for safetensors,
+    the sha256 of its header (the 8-byte length and the JSON: every tensor's dtype, shape and
+    offsets). New weights written under the same name change at least the mtime."""
+    st = path.stat()
+    ident: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if path.suffix == ".safetensors":
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            body = f.read(min(n, MAX_HEADER))
+        ident["header_sha256"] = hashlib.sha256(head + body).hexdigest()
+    return ident
+
+
+def dir_identity(directory: Path, *, full: bool = False) -> dict[str, Any]:
+    """What a model (or adapter) directory's outputs depend on: the config files' content
+    hashes and every weight file's :func:`file_identity` (sharded ones and their index
+    included), or with ``full`` (small adapters) the weight files' content hashes."""
+    out: dict[str, Any] = {}
+    for f in sorted(directory.iterdir()):
+        if not f.is_file():
+            continue
+        if full or f.name in CONFIG_FILES or f.name.endswith(".index.json"):
+            out[f.name] = _sha256(f)
+        elif f.suffix in WEIGHT_SUFFIXES:
+            out[f.name] = file_identity(f)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(2**20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_dir(name: str) -> Path | None:
+    """The directory a model name loads from, without converting or downloading anything: a
+    local directory, a packaged model's converted copy, or a hub model's snapshot in the
+    local hub cache (None when there is none yet)."""
+    if name in PACKAGED:
+        out = cache_dir() / "models" / name
+        return out if out.is_dir() else None
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # a malformed repo id, an old huggingface_hub: no snapshot known
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def model_identity(name: str) -> dict[str, Any]:
+    """A model's cache identity: its name and, where it has a directory (:func:`model_dir`),
+    that directory's :func:`dir_identity`, so new weights under the same name and config
+    are new cache entries."""
+    d = model_dir(name)
+    return {"model": name, "files": dir_identity(d) if d is not None else None}

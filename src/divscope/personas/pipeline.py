@@ -12,7 +12,6 @@ so the numbers are the same.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,8 +22,14 @@ import numpy as np
 
 from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
-from divscope.models.generate import gen_chunks, generate_cached
-from divscope.models.load import cache_dir, load_meta, load_model, resolve_model
+from divscope.models.generate import gen_chunks, generate_cached, sampling_record
+from divscope.models.load import (
+    cache_dir,
+    load_meta,
+    load_model,
+    model_identity,
+    resolve_model,
+)
 from divscope.models.teacher_force import PERSONA_BATCH, UnitScores
 from divscope.personas.data import Persona, Question
 from divscope.personas.matrices import aggregate, check_matrices, cosine_matrices, twin_deviation
@@ -113,14 +118,10 @@ class Setup:
         return len(self.all_personas) > len(self.personas)
 
 
-def model_key(name: str, path: str, dtype: str) -> str:
-    """Content address of a model: its name, dtype and config files."""
-    p = Path(path)
-    ident = {"name": name, "dtype": dtype}
-    for f in ("config.json", "divscope.json"):
-        if (p / f).exists():
-            ident[f] = (p / f).read_text()
-    return content_hash(ident)
+def model_key(name: str, dtype: str) -> str:
+    """Content address of a model: its name, dtype, config and weight files
+    (:func:`divscope.models.load.model_identity`)."""
+    return content_hash({**model_identity(name), "dtype": dtype})
 
 
 def prepare(
@@ -144,7 +145,7 @@ def prepare(
         loaded = load_model(model_name, device=device, dtype=dtype) if weights else None
     model, tok = loaded or load_meta(model_name)
     path = resolve_model(model_name)  # a packaged name is its converted directory (vLLM)
-    key = model_key(model_name, path, dtype)
+    key = model_key(model_name, dtype)
     n_layers = model.config.num_hidden_layers
     layers = layers or default_layers(n_layers)
     if any(not 0 <= x <= n_layers for x in layers):
@@ -190,29 +191,32 @@ def generate_responses(
 
     n, n_q = len(setup.personas), len(setup.questions)
     flat = [setup.prompt_ids[g][q] for g in range(n) for q in range(n_q)]
+    sampling = sampling_record(gen_params["temperature"], gen_params["top_p"], backend)
     if backend == "hf":
         chunks = gen_chunks(flat, gen_batch_size, gen_params["seed"])
-        keys = [content_hash({"prompts": c.prompts, **gen_params, "seed": c.seed}) for c in chunks]
+        keys = [
+            content_hash({"prompts": c.prompts, **gen_params, "seed": c.seed, "s": sampling})
+            for c in chunks
+        ]
         files = [setup.cache / f"genbatch_{k}.json" for k in keys]
         work = partial(generate_on, **{k: v for k, v in gen_params.items() if k != "seed"})
         desc = f"generating [{label}]"
         with tqdm(total=len(flat), desc=desc, unit="resp", disable=not progress) as bar:
             out = generate_cached(pool, work, chunks, files, bar)
     elif backend == "vllm":
-        from divscope.models.generate import generate_vllm
+        from divscope.models.generate import generate_vllm, read_responses, write_responses
 
         gen_file = (
             setup.cache
-            / f"genvllm_{content_hash({'prompts': flat, **gen_params, 'backend': backend})}.json"
+            / f"genvllm_{content_hash({'prompts': flat, **gen_params, 's': sampling})}.json"
         )
-        if gen_file.exists():
-            out = json.loads(gen_file.read_text())
-        else:
+        out = read_responses(gen_file, len(flat))
+        if out is None:
             out = generate_vllm(
                 setup.model_path, setup.tokenizer, flat, **gen_params, dtype=setup.dtype,
                 stops=setup.stops, progress=progress,
             )  # fmt: skip
-            atomic_write_text(gen_file, json.dumps(out), overwrite=True)
+            write_responses(gen_file, out)
     else:
         raise ValueError(f"backend must be 'hf' or 'vllm', not {backend!r}")
     return [out[g * n_q : (g + 1) * n_q] for g in range(n)]
@@ -376,6 +380,7 @@ def run_metadata_record(
         model_path=setup.model_path,
         model_key=setup.model_key,
         dtype=params["dtype"],
+        sampling=sampling_record(params["temperature"], params["top_p"], params["backend"]),
         warnings=renderer.warnings,
         bos_token=setup.tokenizer.bos_token,
         bos_tokens_per_prompt=sorted({renderer.bos_count(p) for p in ids}),
