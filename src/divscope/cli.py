@@ -177,8 +177,15 @@ def _cmd_personas(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
+    from divscope.diff.outputs import output_dir
+
+    with output_dir(args.out, overwrite=args.overwrite):  # refused at once if busy or a file
+        return _diff_locked(args)
+
+
+def _diff_locked(args: argparse.Namespace) -> int:
     from divscope.diff.conditions import parse_spec
-    from divscope.diff.outputs import FILES, write_outputs
+    from divscope.diff.outputs import write_outputs
     from divscope.diff.pipeline import read_prompts, run_diff
 
     a = parse_spec(args.a, args.system_a, args.dtype)
@@ -187,9 +194,6 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompts or defaults.PROMPTS, args.max_prompts)
     out = Path(args.out)
-    clash = [f for f in FILES if (out / f).exists()]
-    if clash and not args.overwrite:
-        raise FileExistsError(f"{out} already holds {clash}")
     executor = make_executor(args.ray, args.workers, device=args.device)
     try:
         result = run_diff(
@@ -221,11 +225,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
               f"{shorten(p.prompt, 60)}")  # fmt: skip
     s = result.summary.get("on_a_samples")
     if s:
-        print(
-            f"  on A's samples: KL(A||B) {s['kl_mean']:.4g} +- {s['kl_se'] or 0:.2g} nats/token, "
-            f"same top token {s['same_top_rate']:.1%}, "
-            f"ln(PPL_B/PPL_A) {s['ln_ppl_ratio_b_over_a']:.4g}"
-        )
+        from divscope.diff.aggregate import summary_line
+
+        print(f"  on A's samples: {summary_line(s, len(prompts))}")
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
