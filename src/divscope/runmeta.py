@@ -10,7 +10,8 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -210,6 +211,56 @@ def new_run_dir(base: Path, prefix: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a fresh run directory under {base}")
+
+
+@contextmanager
+def dir_lock(directory: Path, busy: Callable[[], Exception]) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (``.lock`` inside it, ``flock``) for the block.
+
+    The directory is created if needed; on leaving, the lock file is removed, and so are the
+    folders this call created while they are empty (a run that failed before
+    writing anything leaves nothing behind). Two processes never both hold one directory:
+    a lock file removed by its holder while another process opened it is detected (by inode)
+    and the new one locked instead.
+
+    Raises:
+        OutputError: ``directory`` is a file, or cannot be created.
+        Exception: ``busy()``, when another process holds the lock (nothing waits).
+    """
+    import fcntl
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(directory, "is a file, not a folder", "give a folder path")
+    created = [d for d in (directory, *directory.parents) if not d.exists()]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(directory, e) from e
+    lock = directory / ".lock"
+    for _ in range(10):
+        f = lock.open("a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            f.close()
+            raise busy() from e
+        try:
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # its holder removed it while we opened it: lock the one there now
+    else:
+        raise busy()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        with suppress(OSError):  # not empty: the run wrote its outputs
+            for d in created:
+                d.rmdir()
+        f.close()
 
 
 def content_hash(obj: Any) -> str:

@@ -64,18 +64,22 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the inputs, run the diff, write its outputs and print the top prompts."""
+    from divscope.diff.outputs import output_dir
+
+    with output_dir(args.out, overwrite=args.overwrite):  # refused at once if busy or a file
+        return _run_locked(args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     from divscope import defaults
     from divscope.diff.conditions import parse_spec
-    from divscope.diff.outputs import FILES, write_outputs
+    from divscope.diff.outputs import write_outputs
     from divscope.diff.pipeline import read_prompts, run_diff
 
     a = parse_spec(args.a, args.system_a, args.dtype)
     b = parse_spec(args.b, args.system_b, args.dtype)
     prompts = read_prompts(args.prompts or defaults.PROMPTS, args.max_prompts)
     out = Path(args.out)
-    clash = [f for f in FILES if (out / f).exists()]
-    if clash and not args.overwrite:
-        raise FileExistsError(f"{out} already holds {clash}")
     executor = make_executor(args.ray, args.workers, device=args.device)
     try:
         result = run_diff(
@@ -114,8 +118,6 @@ def _print_summary(result: Any) -> None:
               f"{shorten(p.prompt, 60)}")  # fmt: skip
     s = result.summary.get("on_a_samples")
     if s:
-        print(
-            f"  on A's samples: KL(A||B) {s['kl_mean']:.4g} +- {s['kl_se'] or 0:.2g} nats/token, "
-            f"same top token {s['same_top_rate']:.1%}, "
-            f"ln(PPL_B/PPL_A) {s['ln_ppl_ratio_b_over_a']:.4g}"
-        )
+        from divscope.diff.aggregate import summary_line
+
+        print(f"  on A's samples: {summary_line(s, len(r.prompts))}")

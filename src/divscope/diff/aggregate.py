@@ -147,15 +147,35 @@ def what_changed(
     decode: Any,
     n_tokens: int = 20,
 ) -> dict[str, Any]:
-    """The tokens B raises and lowers most, over every scored position: overall and per
-    prompt category (see :mod:`divscope.divergence.attribution`)."""
-    groups: dict[str, list[PairScores]] = {"(all)": list(units.values())}
-    for i, u in units.items():
-        if categories.get(i):
-            groups.setdefault(categories[i], []).append(u)
-    out = {}
-    for name, us in groups.items():
+    """The tokens B raises and lowers most, over every scored position: ``overall`` (every
+    unit once) and ``by_category`` (prompts without a category in none; any category name,
+    ``"(all)"`` included, is a category like the others). See
+    :mod:`divscope.divergence.attribution`."""
+
+    def tokens(us: list[PairScores]) -> dict[str, Any]:
         sums = np.sum([u.changed for u in us], axis=0)
         changed = WhatChanged.from_sums(sums, sum(u.n_positions for u in us))
-        out[name] = {"positions": changed.n_pos, **changed.tokens(decode, n_tokens)}
-    return {"overall": out.pop("(all)"), "by_category": out}
+        return {"positions": changed.n_pos, **changed.tokens(decode, n_tokens)}
+
+    groups: dict[str, list[PairScores]] = {}
+    for i, u in units.items():
+        if categories.get(i):
+            groups.setdefault(str(categories[i]), []).append(u)
+    return {
+        "overall": tokens(list(units.values())),
+        "by_category": {name: tokens(us) for name, us in groups.items()},
+    }
+
+
+def summary_line(s: dict[str, Any], n_prompts: int) -> str:
+    """One side's summary in a line: the mean KL with its standard error (clustered by prompt;
+    with one prompt there is none, said as such, not as +- 0), the same-top-token rate and the
+    perplexity ratio."""
+    se = s.get("kl_se")
+    why = "one prompt gives" if n_prompts == 1 else "these prompts give"
+    err = f" +- {se:.2g}" if se is not None else f" ({why} no standard error)"
+    return (
+        f"{s['kl_direction']} {s['kl_mean']:.4g}{err} nats/token, "
+        f"same top token {s['same_top_rate']:.1%}, "
+        f"ln(PPL_B/PPL_A) {s['ln_ppl_ratio_b_over_a']:.4g}"
+    )

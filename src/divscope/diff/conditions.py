@@ -59,7 +59,8 @@ def parse_spec(spec: str, system: str | None = None, default_dtype: str = "float
     """A :class:`Condition` from ``MODEL[,adapter=DIR][,dtype=DTYPE]`` (see the module doc).
 
     Raises:
-        DiffInputError: An unknown key, a bad dtype, or an adapter directory that is missing.
+        DiffInputError: An unknown or repeated key, a bad dtype, or an adapter directory that
+            is missing.
     """
     parts = [p.strip() for p in spec.split(",")]
     if not parts[0] or "=" in parts[0]:
@@ -73,6 +74,11 @@ def parse_spec(spec: str, system: str | None = None, default_dtype: str = "float
         if not sep or key not in ("adapter", "dtype") or not value:
             raise DiffInputError(
                 f"model spec {spec!r}: cannot read {p!r}. Fix: MODEL[,adapter=DIR][,dtype=DTYPE]"
+            )
+        if key in opts:
+            raise DiffInputError(
+                f"model spec {spec!r} gives {key}= twice. Fix: give each of adapter= and dtype= "
+                "at most once"
             )
         opts[key] = value
     dtype = opts.get("dtype", default_dtype)

@@ -1,18 +1,24 @@
 """Writing a diff's run directory: ``ranking.json`` (the ``divscope rank --json`` contract),
 ``summary.json``, ``what_changed.json``, both sides' samples as divscope JSONL (token ids,
 top-k logprobs, aligned cross-scores, and the exact per-position values under ``exact``) and
-``metadata.json``. Every file is checked for a clash before anything is written."""
+``metadata.json``. Every file is checked for a clash before anything is written, and
+``ranking.json`` records each sample file's SHA-256 (``file_sha256``), which ``divscope report``
+checks against the files beside it (a folder copied or moved keeps working; a mismatch is
+refused). :func:`output_dir` holds the folder for one diff at a time."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from divscope.diff.pipeline import DiffResult
 from divscope.diff.samplefiles import columns, prompt_record, token_strings
 from divscope.diff.score import SIDES
-from divscope.runmeta import atomic_write_json, atomic_write_text
+from divscope.runmeta import OutputError, atomic_write_json, atomic_write_text, dir_lock
 from divscope.sampling.responses import f32
 
 FILES = (
@@ -60,23 +66,61 @@ def sample_records(result: DiffResult, side: str, strings: list[str]) -> list[di
     return records
 
 
+def check_clash(out: Path, *, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, or that holds a diff's outputs (unless ``overwrite``).
+
+    Raises:
+        OutputError: ``out`` is a file.
+        FileExistsError: ``out`` holds outputs and ``overwrite`` is False.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "is a file, not a folder", "give a folder path for --out")
+    clash = [f for f in FILES if (out / f).exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{out} already holds {clash}")
+
+
+@contextmanager
+def output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Hold ``out`` for one diff from before its models load until its outputs are written:
+    checked first (:func:`check_clash`), then locked (:func:`divscope.runmeta.dir_lock`), so a
+    second diff on the same folder is refused at once instead of silently replacing the first
+    one's files; a run that fails leaves no folder it created behind.
+
+    Raises:
+        OutputError: ``out`` is a file, or another diff holds it.
+        FileExistsError: ``out`` holds outputs and ``overwrite`` is False.
+    """
+    out = Path(out)
+    check_clash(out, overwrite=overwrite)
+    busy = OutputError(
+        out, "another divscope diff is writing to this folder",
+        "wait for it to finish, or choose another --out",
+    )  # fmt: skip
+    with dir_lock(out, lambda: busy):
+        check_clash(out, overwrite=overwrite)  # written while we waited for the lock
+        yield out
+
+
+def _sample_text(result: DiffResult, side: str, strings: list[str] | None) -> str:
+    recs = result.records[side] if result.records else sample_records(result, side, strings)
+    return "\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n"
+
+
 def write_outputs(
     result: DiffResult, out_dir: str | Path, *, overwrite: bool = False
 ) -> dict[str, Path]:
     """Write the run directory (see the module doc); refuses, before writing anything, when a
     file exists and ``overwrite`` is False."""
     out = Path(out_dir)
-    if not overwrite:
-        clash = [f for f in FILES if (out / f).exists()]
-        if clash:
-            raise FileExistsError(
-                f"{out} already holds {clash}; choose a new --out or pass --overwrite"
-            )
+    check_clash(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     strings = None if result.records else token_strings(result.setup.tokenizers["a"])
+    texts = {s: _sample_text(result, s, strings) for s in SIDES}
     written = {}
     doc = result.ranking.to_json()
     doc["files"] = [str(out / f"samples_{s}.jsonl") for s in SIDES]
+    doc["file_sha256"] = [file_digest(texts[s]) for s in SIDES]
     written["ranking.json"] = atomic_write_json(out / "ranking.json", doc, overwrite=True)
     written["summary.json"] = atomic_write_json(
         out / "summary.json", result.summary, overwrite=True
@@ -85,11 +129,14 @@ def write_outputs(
         out / "what_changed.json", result.changed, overwrite=True
     )
     for side in SIDES:
-        recs = result.records[side] if result.records else sample_records(result, side, strings)
-        lines = [json.dumps(r, ensure_ascii=False) for r in recs]
         name = f"samples_{side}.jsonl"
-        written[name] = atomic_write_text(out / name, "\n".join(lines) + "\n", overwrite=True)
+        written[name] = atomic_write_text(out / name, texts[side], overwrite=True)
     written["metadata.json"] = atomic_write_json(
         out / "metadata.json", result.metadata, overwrite=True
     )
     return written
+
+
+def file_digest(text: str) -> str:
+    """SHA-256 of ``text`` as :func:`divscope.runmeta.atomic_write_text` writes it."""
+    return hashlib.sha256(text.encode("utf-8", errors="backslashreplace")).hexdigest()

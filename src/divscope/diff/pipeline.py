@@ -39,6 +39,7 @@ from divscope.diff.conditions import (
     load_condition,
     load_conditions,
 )
+from divscope.diff.inputs import check_inputs, check_loaded
 from divscope.diff.score import (
     SIDES,
     PairScores,
@@ -121,10 +122,12 @@ def prepare(
     unit_cache: str | Path | None,
     exact: bool = True,
     weights: bool = True,
+    max_new_tokens: int | None = None,
 ) -> DiffSetup:
     """Load both conditions (unless ``loaded``; without their ``weights`` when workers hold
     them), compare their tokenizers (``exact``, or no ``weights``: they must be one), render
-    prompts."""
+    prompts; with ``max_new_tokens``, check that every prompt and its response fit each
+    model's context (:func:`divscope.diff.inputs.check_loaded`)."""
     from divscope.models.generate import stop_ids
 
     conds = {"a": a, "b": b}
@@ -148,6 +151,7 @@ def prepare(
     prompt_ids = {
         s: [renderers[s].prompt_ids(conds[s].system, p.prompt) for p in prompts] for s in SIDES
     }
+    check_loaded(conds, models, prompts, prompt_ids, max_new_tokens, same)
     identities = {s: c.identity() for s, c in conds.items()}
     key = content_hash(identities)
     cache = (Path(unit_cache) if unit_cache else cache_dir() / "diff") / key
@@ -391,15 +395,17 @@ def run_diff(
     """
     if metric is not None and metric not in METRICS:
         raise DiffInputError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    params = {"samples": samples, "max_new_tokens": max_new_tokens}
+    params |= {"temperature": temperature, "top_p": top_p, "seed": seed, "backend": backend}
+    check_inputs({"a": a, "b": b}, prompts, params, backend)
     t0 = time.perf_counter()
     with executor_for(executor, ray, workers, device) as ex:
         setup = prepare(
             a, b, prompts, device=device, loaded=loaded, unit_cache=unit_cache,
             exact=metric is not None and metric != "mc_kl", weights=not ex.remote,
+            max_new_tokens=max_new_tokens,
         )  # fmt: skip
         timings = {"load_models": time.perf_counter() - t0}
-        params = {"samples": samples, "max_new_tokens": max_new_tokens}
-        params |= {"temperature": temperature, "top_p": top_p, "seed": seed, "backend": backend}
         local = None if ex.remote else {s: (setup.models[s], setup.tokenizers[s]) for s in SIDES}
         with ex.pool(partial(load_conditions, setup.conditions, device), local) as pool:
             responses = generate_samples(

@@ -22,6 +22,7 @@ import numpy as np
 
 from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
+from divscope.models.checks import context_limit, context_problem, sampling_problem, vllm_problem
 from divscope.models.generate import gen_chunks, generate_cached, sampling_record
 from divscope.models.load import (
     cache_dir,
@@ -31,7 +32,7 @@ from divscope.models.load import (
     resolve_model,
 )
 from divscope.models.teacher_force import PERSONA_BATCH, UnitScores
-from divscope.personas.data import Persona, Question
+from divscope.personas.data import Persona, PersonaDataError, Question
 from divscope.personas.matrices import aggregate, check_matrices, cosine_matrices, twin_deviation
 from divscope.personas.units import (
     QuestionUnit,
@@ -136,9 +137,11 @@ def prepare(
     noise_floor: bool,
     unit_cache: str | Path | None,
     weights: bool = True,
+    max_new_tokens: int | None = None,
 ) -> Setup:
     """Load the model (unless ``loaded``; without its ``weights`` when workers hold it), render
-    every prompt, open the unit cache."""
+    every prompt (with ``max_new_tokens``: each must fit the model's context with its answer),
+    open the unit cache."""
     from divscope.models.generate import stop_ids
 
     if loaded is None:
@@ -155,6 +158,14 @@ def prepare(
     if noise_floor:
         all_personas.append(Persona(personas[0].name + TWIN_SUFFIX, personas[0].prompt))
     prompt_ids = [[renderer.prompt_ids(p.prompt, q.text) for q in questions] for p in all_personas]
+    if max_new_tokens is not None:
+        named = [
+            (f"question {q.id} under persona {p.name}", prompt_ids[g][k])
+            for g, p in enumerate(all_personas)
+            for k, q in enumerate(questions)
+        ]
+        if problem := context_problem(named, max_new_tokens, context_limit(model), model_name):
+            raise PersonaDataError(problem)
     cache = (Path(unit_cache) if unit_cache else cache_dir() / "personas") / key
     cache.mkdir(parents=True, exist_ok=True)
     return Setup(
@@ -433,11 +444,16 @@ def run_personas(
             ``error.result``; outputs are still written by the caller if wanted).
         TemplateSeamError: The chat template breaks the prompt/response seam.
     """
+    n_seeds = (len(personas) + noise_floor) * len(questions)
+    problem = sampling_problem(temperature, top_p, seed, n_seeds, max_new_tokens)
+    if problem or (backend == "vllm" and (problem := vllm_problem())):
+        raise PersonaDataError(problem)
     t0 = time.perf_counter()
     with executor_for(executor, ray, workers, device) as ex:
         setup = prepare(
             model_name, personas, questions, loaded=loaded, device=device, dtype=dtype,
             layers=layers, noise_floor=noise_floor, unit_cache=unit_cache, weights=not ex.remote,
+            max_new_tokens=max_new_tokens,
         )  # fmt: skip
         timings = {"load_model": time.perf_counter() - t0}
         gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from divscope.report.tables import fmt
+from divscope.report.tables import fmt, shorten
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
@@ -205,7 +205,7 @@ def _ranking_report(run: Path, page: Page) -> None:
     r, meta = _read_ranking(run)
     _ranking_summary(r, meta, page)
     _ranking_tables(r, page)
-    _ranking_token_views(run, r, page)
+    _ranking_token_views(run, r, page, _checked_ranking(run / "ranking.json").get("file_sha256"))
 
 
 def _read_ranking(run: Path) -> tuple[Any, dict[str, Any]]:
@@ -257,6 +257,11 @@ def _checked_ranking(path: Path) -> dict[str, Any]:
         raise bad("models must be two names")
     if not isinstance(doc.get("prompts"), list):
         raise bad("no prompts list")
+    digests = doc.get("file_sha256")
+    if digests is not None and not (
+        isinstance(digests, list) and all(isinstance(d, str) for d in digests)
+    ):
+        raise bad("file_sha256 must be a list of hex digests")
     for i, p in enumerate(doc["prompts"]):
         ok = (
             isinstance(p, dict)
@@ -342,21 +347,72 @@ def _ranking_tables(r: Any, page: Page) -> None:
     page.figure("distribution", plots.score_distribution(r), f"{m} over prompts")
 
 
-def _ranking_token_views(run: Path, r: Any, page: Page) -> None:
+def sample_file(run: Path, name: str) -> Path:
+    """Where a sample file that ranking.json names is: beside ranking.json first (a run folder
+    copied or moved carries its files), then the path as recorded (absolute, or relative to
+    the run or the working directory), then relative to the run's grandparent (``kl_demo``'s
+    ``eval_results/<run>/`` naming files from the project root)."""
+    for p in (run / Path(name).name, run / name, Path(name), run.parent.parent / name):
+        if p.is_file():
+            return p
+    return Path(name)
+
+
+def check_sample_files(run: Path, files: list[Path], digests: list[str] | None) -> None:
+    """Refuse sample files whose SHA-256 is not the one ranking.json records for them.
+
+    Raises:
+        ReportError: A file is not the one the ranking was computed from.
+    """
+    import hashlib
+
+    for f, want in zip(files, digests or [], strict=False):
+        if f.is_file() and hashlib.sha256(f.read_bytes()).hexdigest() != want:
+            raise ReportError(
+                f"{f} is not the sample file {run / 'ranking.json'} was computed from (its "
+                "SHA-256 differs from the recorded file_sha256). Fix: keep a run's files "
+                "together, or rerun the diff"
+            )
+
+
+def check_sample_prompts(run: Path, r: Any, *sets: Any) -> None:
+    """Refuse sample files whose prompts are not the ranking's (another run's files).
+
+    Raises:
+        ReportError: A file's model is not the ranking's, or a ranked prompt is missing from
+            it or has another text.
+    """
+    for s, model in zip(sets, r.models, strict=True):
+        if s.model != model:
+            raise ReportError(
+                f"{s.path} holds samples of {s.model!r}, and {run / 'ranking.json'} ranks "
+                f"{model!r}: these samples belong to another run. Fix: keep a run's files "
+                "together, or rerun the ranking on these files"
+            )
+        by_index = {rec.index: rec.prompt for rec in s.records}
+        for p in r.prompts:
+            if by_index.get(p.index) != p.prompt:
+                raise ReportError(
+                    f"{s.path}: prompt {p.index} is not the one {run / 'ranking.json'} ranks "
+                    f"({shorten(p.prompt, 40)!r}): these samples belong to another run. Fix: "
+                    "keep a run's files together, or rerun the ranking on these files"
+                )
+
+
+def _ranking_token_views(run: Path, r: Any, page: Page, digests: list[str] | None = None) -> None:
     """The top 3 prompts' first responses, each token coloured by its contribution."""
     from divscope.estimators.contributions import token_contributions
     from divscope.samples.read import load_pair
 
     page.heading("Top prompts, token by token")
-    files = [
-        next((str(p) for p in (Path(f), run / f, run.parent.parent / f) if p.exists()), f)
-        for f in r.files
-    ]
+    files = [sample_file(run, f) for f in r.files]
+    check_sample_files(run, files, digests)
     try:
         a, b = load_pair(*files)
     except Exception as e:  # noqa: BLE001 - the report still has everything else
         page.para(f"sample files not readable ({e}); token view skipped", "note")
         return
+    check_sample_prompts(run, r, a, b)
     for p in sorted([p for p in r.prompts if p.rank is not None], key=lambda p: p.rank)[:3]:
         ra, rb = a.record(p.index), b.record(p.index)
         tokens, values, kind = token_contributions(ra, rb, 0, model_b=b.model)

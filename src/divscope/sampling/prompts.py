@@ -38,6 +38,42 @@ def _prompts_text(path: Path, config_path: str | Path) -> str:
 _PROMPTS_FIX = 'give a prompts file: .jsonl with one {"prompt": ...} per line, or .txt'
 
 
+def text_problem(text: str, what: str) -> str | None:
+    """Why ``text`` cannot be a prompt: a lone surrogate (from ``\\ud800`` in JSON, or bytes
+    that are not UTF-8 in a command-line argument), which no tokenizer or UTF-8 file holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        origin = "a byte that is not UTF-8" if 0xDC80 <= ord(bad) <= 0xDCFF else "a lone surrogate"
+        return (
+            f"{what} holds {origin} (\\u{ord(bad):04x} at character {e.start}), which is not "
+            "text. Fix: give valid UTF-8 text (a surrogate pair for characters beyond U+FFFF)"
+        )
+    return None
+
+
+NO_CATEGORY = "(none)"  # how category tables label the prompts without a category
+
+
+def category_problem(category: object) -> str | None:
+    """Why a prompt's ``category`` is not one: it must be a string (or absent / null), and not
+    :data:`NO_CATEGORY`, the label of the prompts without a category in category tables (its
+    prompts would merge with those). Any other name, ``"(all)"`` included, is an ordinary
+    category: "what changed" keeps its ``overall`` apart from ``by_category``."""
+    if category is None or (isinstance(category, str) and category != NO_CATEGORY):
+        return None
+    if isinstance(category, str):
+        return (
+            f"category {category!r} is reserved: category tables list the prompts without a "
+            "category under it. Fix: rename the category, or leave it out"
+        )
+    return (
+        f"category {category!r} is a {type(category).__name__}, not a string. Fix: write "
+        '"category": "name" (or leave it out)'
+    )
+
+
 def load_prompts(ds: DatasetSpec, config_path: str | Path = "<config>") -> list[PromptItem]:
     """Read the prompt dataset (local .jsonl/.txt, or a Hugging Face dataset)."""
     if ds.source == "huggingface":
@@ -94,6 +130,12 @@ def load_prompts(ds: DatasetSpec, config_path: str | Path = "<config>") -> list[
                 f"{path} line {n} has no string field {ds.prompt_field!r}",
                 "fix the file or set dataset.prompt_field",
             )
+        problem = text_problem(row[ds.prompt_field], "its prompt") or category_problem(
+            row.get("category")
+        )
+        if problem:
+            what, _, fix = problem.partition(". Fix: ")
+            raise ConfigError(config_path, "dataset.path", f"{path} line {n}: {what}", fix)
         items.append(
             PromptItem(len(items), row[ds.prompt_field], row.get("id"), row.get("category"))
         )

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from divscope.runmeta import atomic_write_text, new_run_name
+from divscope.runmeta import atomic_write_text, dir_lock, new_run_name
 from divscope.sampling.config import ConfigError, SampleConfig
 
 
@@ -187,28 +186,20 @@ def resume(paths: dict[str, Path]) -> set[int]:
     return done
 
 
-@contextmanager
-def locked(config: SampleConfig, run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``run_dir`` (``.lock``, ``flock``) while a sampler works in it.
+def locked(config: SampleConfig, run_dir: Path) -> AbstractContextManager[None]:
+    """Hold an exclusive lock on ``run_dir`` while a sampler works in it
+    (:func:`divscope.runmeta.dir_lock`).
 
     Raises:
         ConfigError: Another sampler holds it (two samplers on one run would sample every
             remaining prompt twice and leave duplicates).
     """
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / ".lock").open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise ConfigError(
-                config.path,
-                "output",
-                f"another sampler is running in {run_dir}",
-                "wait for it to finish (then rerun to resume), or start a separate run with --new",
-            ) from e
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return dir_lock(
+        run_dir,
+        lambda: ConfigError(
+            config.path,
+            "output",
+            f"another sampler is running in {run_dir}",
+            "wait for it to finish (then rerun to resume), or start a separate run with --new",
+        ),
+    )
