@@ -168,6 +168,7 @@ class Run:
     device: torch.device
     peaks_gflops: dict[str, float] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
+    build_s: float | None = None  # seconds to build the 7B-shaped model (random init)
 
     def peak(self, dtype: torch.dtype) -> float:
         """This device's matmul peak at ``dtype`` (GFLOP/s), measured on first use."""
@@ -180,7 +181,9 @@ class Run:
     def big(self) -> Any:
         """The 7B-shaped model (built on first use, then kept for the next sections)."""
         if "big" not in self.models:
+            t0 = time.perf_counter()
             self.models["big"] = build_model(self.plan.big, self.plan.dtype, self.device, seed=0)
+            self.build_s = time.perf_counter() - t0
         return self.models["big"]
 
     def free(self, *names: str) -> None:
@@ -200,7 +203,10 @@ def build_model(shape: dict[str, Any], dtype: torch.dtype, device: torch.device,
     config = Qwen2Config(**shape, use_sliding_window=False)
     torch.manual_seed(seed)
     with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers before 4.56 calls it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     if next(model.parameters()).device != device:  # a transformers that ignores the context
         model.to(device)
     return model.eval()
@@ -365,6 +371,7 @@ def section_persona(run: Run) -> dict[str, Any]:
         "model": "Qwen2.5-7B-shaped" if plan.big is QWEN_7B else "tiny",
         "dtype": str(plan.dtype),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "model_build_s": run.build_s,
     }
 
 
