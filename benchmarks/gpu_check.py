@@ -598,12 +598,14 @@ def section_generate(run: Run) -> dict[str, Any]:
 def layers_entry(module: Any) -> Callable[..., float] | None:
     """The ``--layers`` decomposition's entry point in ``divscope.diff.layers``, or None.
 
-    TODO(issue 24, at merge): return the function that runs the decomposition on
-    ``(model_a, model_b, pairs: list[PromptPair])`` (both walk orders, as ``divscope diff
-    --layers`` runs it) and returns the FLOPs of the block evaluations it actually ran (the
-    count behind its ``layers_fraction_of_matmul_peak``), e.g. a thin wrapper around the
-    module's per-prompt unit. :func:`section_layers` then times it and reports
-    ``gpu_layers_mfu``; nothing else here needs to change.
+    TODO(issue 24, at merge): return a function ``(model_a, model_b, pairs: list[PromptPair])
+    -> FLOPs`` that runs the decomposition on every pair and returns the FLOPs of the block
+    evaluations it actually ran. On branch i24 (commit 55c8a50) the unit is
+    ``module.score_layers(model_a, model_b, prompt, responses)`` (A's samples:
+    ``pair.prompt_a, pair.responses["a"]``), and the FLOP count should be the one behind that
+    issue's ``layers_fraction_of_matmul_peak`` benchmark (one implementation of each idea).
+    :func:`section_layers` then times it and reports ``gpu_layers_mfu``; nothing else here
+    changes.
     """
     return None
 

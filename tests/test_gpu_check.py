@@ -209,3 +209,28 @@ def test_rerun_of_some_sections_keeps_the_others(tmp_path):
     assert second["sections"]["peaks"] == first["sections"]["peaks"]
     assert second["gpu_bf16_peak_tflops"] == first["gpu_bf16_peak_tflops"]
     assert second["gpu_persona_mfu"] is None  # never run: present, empty
+
+
+def test_failing_section_is_recorded_and_the_file_written_after_each(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks import gpu_check as g
+
+    path = tmp_path / "gpu_check.json"
+    seen = {}
+
+    def boom(run):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    def peaks(run):  # runs second: the first section's result is already on disk
+        seen["before"] = json.loads(path.read_text())
+        return {"headline": {"gpu_bf16_peak_tflops": 1.0}}
+
+    monkeypatch.setitem(g.SECTION_FUNCS, "persona", boom)
+    monkeypatch.setitem(g.SECTION_FUNCS, "peaks", peaks)
+    base = {"device": "cpu", "tiny": True, "device_info": {}}
+    g.run_sections(g.Run(g.TINY_PLAN, torch.device("cpu")), ["persona", "peaks"], path, base, {})
+    assert "out of memory" in seen["before"]["sections"]["persona"]["error"]
+    final = json.loads(path.read_text())
+    assert "RuntimeError: CUDA out of memory" in final["sections"]["persona"]["error"]
+    assert final["gpu_bf16_peak_tflops"] == 1.0 and final["gpu_persona_mfu"] is None
