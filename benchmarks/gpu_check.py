@@ -77,7 +77,7 @@ FLOP_FORMULA = (
 )
 REL_FLOOR = 1e-4  # nats: relative errors are |x - ref| / max(ref, REL_FLOOR)
 LOGIT_STD = 3.0  # the accuracy models' logit spread (a real LM's; random init gives ~0.5)
-PERTURB = 0.05  # B = A + PERTURB x weight std x N(0, 1) (accuracy: JS ~ 0.01 nats)
+PERTURB = 0.05  # B = A + PERTURB x weight std x N(0, 1): above bf16's resolution (1/256)
 
 # Qwen2.5-7B-Instruct's shape (its config.json), with random weights
 QWEN_7B = dict(
@@ -282,6 +282,14 @@ def mfu_bound(body: float, head: float, run: Run, dtype: torch.dtype) -> float:
     return (body + head) / ideal_s / (run.peak(dtype) * 1e9)
 
 
+def fused_compiled() -> dict[str, bool]:
+    """Which fused divergence passes run compiled (False: ``torch.compile`` failed here, e.g.
+    no C compiler for Triton, and divscope fell back to eager; slower, same values)."""
+    from divscope.divergence import fused
+
+    return {name: fn is not False for name, fn in fused._compiled.items()}
+
+
 def rand_ids(n: int, vocab: int, gen: torch.Generator) -> list[int]:
     # ids from 1: 0 pads (any id would do, padded slots are never attended to)
     return torch.randint(1, vocab, (n,), generator=gen).tolist()
@@ -368,6 +376,7 @@ def section_persona(run: Run) -> dict[str, Any]:
         "mfu_bound_fp32_head": mfu_bound(total - head_flops, head_flops, run, plan.dtype),
         "peak_mem_extra_gb": mem.extra_gb,
         "all_finite": bool(finite),
+        "fused_compiled": fused_compiled(),
         "model": "Qwen2.5-7B-shaped" if plan.big is QWEN_7B else "tiny",
         "dtype": str(plan.dtype),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
@@ -410,7 +419,7 @@ def section_diff(run: Run) -> dict[str, Any]:
     plan = run.plan
     a = run.big()
     if "big_b" not in run.models:
-        run.models["big_b"] = perturbed(a, 1e-3, seed=2)
+        run.models["big_b"] = perturbed(a, PERTURB, seed=2)
     b = run.models["big_b"]
     vocab, gen = a.config.vocab_size, torch.Generator().manual_seed(3)
 
@@ -447,6 +456,7 @@ def section_diff(run: Run) -> dict[str, Any]:
         "mfu_bound_fp32_head": mfu_bound(total - head_flops, head_flops, run, plan.dtype),
         "peak_mem_extra_gb": mem.extra_gb,
         "all_finite": bool(finite),
+        "fused_compiled": fused_compiled(),
     }
 
 
@@ -624,7 +634,7 @@ def section_layers(run: Run) -> dict[str, Any]:
     plan = run.plan
     run.free()  # the 7B-shaped models
     a = build_model(plan.pair, plan.dtype, run.device, seed=8)
-    b = perturbed(a, 1e-3, seed=9)
+    b = perturbed(a, PERTURB, seed=9)
     gen = torch.Generator().manual_seed(10)
     entry(a, b, diff_pairs(plan, a.config.vocab_size, gen, 1, 1))  # warm-up
     pairs = diff_pairs(plan, a.config.vocab_size, gen, 2, plan.diff_samples)

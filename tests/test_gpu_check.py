@@ -122,6 +122,7 @@ def test_tiny_run_figures_are_plausible(tiny_run):
     persona = r["sections"]["accuracy"]["persona_per_sequence"]["float32"]
     assert persona["js_max_rel_err"] < 1e-3 and persona["kl_max_rel_err"] < 1e-3
     assert r["sections"]["persona"]["all_finite"] and r["sections"]["diff"]["all_finite"]
+    assert set(r["sections"]["diff"]["fused_compiled"]) >= {"_position_terms_logits"}
     layers = r["sections"]["layers"]
     if r["gpu_layers_mfu"] is None:  # not wired yet (issue 24): says why
         assert "divscope.diff.layers" in layers["reason"]
