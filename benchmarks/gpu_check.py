@@ -65,6 +65,7 @@ from benchmarks.common import PeakRSS, machine_info, synchronize, write_result
 from divscope.diff.score import PromptPair, score_prompt_pair
 from divscope.models.teacher_force import PERSONA_BATCH, output_head
 from divscope.personas.units import QuestionUnit, score_question
+from divscope.runmeta import device_info as run_device_info
 
 SECTIONS = ("peaks", "accuracy", "persona", "diff", "generate", "layers")
 RESULT_FILE = "gpu_check.json"
@@ -667,18 +668,17 @@ SECTION_FUNCS: dict[str, Callable[[Run], dict[str, Any]]] = {
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": device.type, "torch": torch.__version__}
+    """:func:`divscope.runmeta.device_info` plus the device's name and memory, the CUDA and
+    transformers versions."""
+    import transformers
+
+    info = run_device_info()
+    info.update(type=device.type, transformers=transformers.__version__)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, memory_gb=props.total_memory / 1e9, cuda=torch.version.cuda)
-    else:
-        info["threads"] = torch.get_num_threads()
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+        info.update(
+            name=props.name, memory_gb=props.total_memory / 1e9, cuda_version=torch.version.cuda
+        )
     return info
 
 
@@ -777,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {
         "device": info.get("name", "cpu"),
         "tiny": args.tiny,
+        "cpu_threads": torch.get_num_threads(),
         "flop_formula": FLOP_FORMULA,
         "mfu_means": "model FLOPs / seconds / matmul peak measured in this run at the model dtype",
         "device_info": info,
