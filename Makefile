@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 export MPLBACKEND ?= Agg
 
-.PHONY: venv demo persona-demo test bench lint clean serve test-vllm vllm-venv
+.PHONY: venv demo persona-demo test bench lint clean serve test-vllm vllm-venv gpu-check
 
 venv: $(STAMP)
 
@@ -57,6 +57,12 @@ test: venv
 
 bench: venv
 	$(PY) -m benchmarks.run
+
+# On a CUDA machine without network: no venv, the image's torch + transformers + numpy only
+# (README "Running on a GPU"); about 8 minutes on one H100.
+GPU_OUT ?= benchmarks/results/gpu
+gpu-check:
+	PYTHONPATH=src $(PYTHON) -m benchmarks.gpu_check --out $(GPU_OUT)
 
 lint: venv
 	$(PY) -m ruff check src tests kl_demo.py persona_js_demo.py benchmarks examples

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import PeakRSS, machine_info, write_result
+from benchmarks.common import PeakRSS, machine_info, synchronize, write_result
 from divscope.divergence.fused import js_and_kls
 from divscope.models.load import load_model
 from divscope.models.teacher_force import PERSONA_BATCH, output_head, prompt_kv, teacher_force
@@ -45,15 +45,30 @@ RESPONSE = (
 )
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
-    """Best GFLOP/s of an n x n x n matmul (the machine's practical peak at this dtype)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(
+    dtype: torch.dtype,
+    n: int = 2048,
+    reps: int = 6,
+    device: str | torch.device = "cpu",
+    inner: int = 1,
+) -> float:
+    """Best GFLOP/s of an n x n x n matmul (the machine's practical peak at this dtype).
+
+    Each timing runs ``inner`` matmuls and then synchronises ``device`` (on a GPU one matmul
+    is too short for the launch and the synchronisation not to count).
+    """
+    dev = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    b = torch.randn(n, n, dtype=dtype, device=dev)
     a @ b
+    synchronize(dev)
     best = 0.0
     for _ in range(reps):
         t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+        for _ in range(inner):
+            a @ b
+        synchronize(dev)
+        best = max(best, inner * 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -79,10 +94,30 @@ def non_embedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) - emb - (0 if tied else head.numel())
 
 
-def flops(model: torch.nn.Module, tokens: int, scored: int) -> float:
-    """2 x non-embedding parameters x tokens run + 2 x hidden x vocab x scored positions."""
+def flops(model: torch.nn.Module, tokens: int, scored: int, contexts: int = 0) -> float:
+    """2 x non-embedding parameters x tokens run + 2 x hidden x vocab x scored positions
+    (+ :func:`attention_flops` of ``contexts`` attended keys, when given)."""
     head = model.get_output_embeddings().weight
-    return 2 * non_embedding_params(model) * tokens + 2 * head.shape[0] * head.shape[1] * scored
+    return (
+        2 * non_embedding_params(model) * tokens
+        + 2 * head.shape[0] * head.shape[1] * scored
+        + attention_flops(model.config, contexts)
+    )
+
+
+def attention_flops(config: object, contexts: int) -> float:
+    """4 x layers x heads x head_dim x ``contexts``: the QK^T and AV products, where
+    ``contexts`` is the number of keys attended summed over the tokens run (see
+    :func:`causal_contexts`)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 4.0 * config.num_hidden_layers * heads * head_dim * contexts
+
+
+def causal_contexts(start: int, stop: int) -> int:
+    """Keys attended by the tokens at positions ``start .. stop - 1`` of one causal sequence
+    (the token at position p attends to p + 1 keys: itself and all before it)."""
+    return (stop * (stop + 1) - start * (start + 1)) // 2
 
 
 def _timed(fn, *args, **kwargs) -> tuple[float, float, object]:

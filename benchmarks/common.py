@@ -39,6 +39,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def synchronize(device: Any) -> None:
+    """Wait for ``device``'s queued work (a no-op on CPU): bracket every GPU timing with it."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def write_result(path: Path, result: dict[str, Any]) -> Path:
     """Write a benchmark result (headline figures at the top level) as JSON."""
     return atomic_write_text(path, json.dumps(result, indent=2) + "\n", overwrite=True)
