@@ -212,6 +212,6 @@ def sequence_scores(
             x = fp32_logits(states[r, : len(resp)], head)
             lse = torch.logsumexp(x, -1)
             top, ids = x.topk(top_k, -1)
-            lp = x.gather(1, torch.tensor(resp)[:, None])[:, 0] - lse
-            out[i] = (lp.numpy(), ids.int().numpy(), (top - lse[:, None]).numpy())
+            lp = x.gather(1, torch.tensor(resp, device=x.device)[:, None])[:, 0] - lse
+            out[i] = (lp.cpu().numpy(), ids.int().cpu().numpy(), (top - lse[:, None]).cpu().numpy())
     return out
