@@ -650,6 +650,8 @@ def _persona_explanations(explanations: list[dict[str, Any]], page: Page) -> Non
             f"over {ex['positions']} positions of both personas' answers; {wc['definition']}",
             "muted",
         )
+        if wc.get("note"):
+            page.para(wc["note"])
         for key, label in (
             ("boosted_in_b", f"boosted under {b}"),
             ("suppressed_in_b", f"suppressed under {b}"),
