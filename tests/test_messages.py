@@ -216,6 +216,19 @@ def test_huge_integer_in_packed_metadata_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("command", ["report", "analyze"])
+def test_huge_integer_in_a_run_file_is_one_clear_error(tmp_path, capsys, command):
+    """The same in ranking.json (divscope report) and a matrices file (divscope analyze)."""
+    big = "1" + "0" * 5000
+    (tmp_path / "ranking.json").write_text(f'{{"metric": "mc_kl", "x": {big}}}')
+    (tmp_path / "m.json").write_text(f'{{"personas": ["a", "b"], "js": [[0, {big}]]}}')
+    args = {"report": [str(tmp_path)], "analyze": ["--matrices", str(tmp_path / "m.json")]}
+    assert main([command, *args[command]]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(tmp_path / {"report": "ranking.json", "analyze": "m.json"}[command]) in line
+    assert not (tmp_path / "report.html").exists()
+
+
 def _gguf(path: Path, body: bytes) -> Path:
     path.write_bytes(b"GGUF" + struct.pack("<IQ", 3, 0) + body)
     return path

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from divscope.bounded import json_int
 from divscope.report.tables import fmt
 
 CSS = """
@@ -244,8 +245,8 @@ def _checked_ranking(path: Path) -> dict[str, Any]:
         )
 
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_int=json_int)
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8 or JSON
         raise bad(f"unreadable ({type(e).__name__})") from None
     num = (int, float)
     if not isinstance(doc, dict) or not isinstance(doc.get("metric"), str):
