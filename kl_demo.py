@@ -74,6 +74,7 @@ from divscope.params import (
     check_number,
     check_output_dir,
     check_path,
+    check_run_prefix,
     check_seed,
     check_workers,
     one_line_errors,
@@ -127,6 +128,7 @@ check_int("N_BOOTSTRAP", N_BOOTSTRAP)
 check_seed("SEED", SEED)
 check_output_dir("OUTPUT_DIR", OUTPUT_DIR)
 check_output_dir("FIGURES_DIR", FIGURES_DIR)
+check_run_prefix("RUN_PREFIX", RUN_PREFIX)
 
 # %% [markdown]
 # ## Load the two sample files, or run the two models and write their samples

@@ -57,6 +57,7 @@ from divscope.params import (
     check_model,
     check_output_dir,
     check_path,
+    check_run_prefix,
     check_workers,
     one_line_errors,
     parameter,
@@ -97,6 +98,7 @@ check_path("LEAKAGE_FILE", LEAKAGE_FILE, none=True, directory=True)
 check_workers("WORKERS", WORKERS, "RAY_ADDRESS", RAY_ADDRESS)
 check_output_dir("OUTPUT_DIR", OUTPUT_DIR)
 check_output_dir("FIGURES_DIR", FIGURES_DIR)
+check_run_prefix("RUN_PREFIX", RUN_PREFIX)
 
 # %% [markdown]
 # ## The personas and questions

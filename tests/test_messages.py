@@ -281,7 +281,13 @@ def test_real_gguf_metadata_still_reads():
 
 
 def test_demo_parameter_checks_for_folders_seeds_and_workers(tmp_path):
-    from divscope.params import ParameterError, check_output_dir, check_seed, check_workers
+    from divscope.params import (
+        ParameterError,
+        check_output_dir,
+        check_run_prefix,
+        check_seed,
+        check_workers,
+    )
 
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -303,3 +309,7 @@ def test_demo_parameter_checks_for_folders_seeds_and_workers(tmp_path):
     with pytest.raises(ParameterError, match="RAY_ADDRESS = 5: not an address"):
         check_workers("WORKERS", 1, "RAY_ADDRESS", 5)
     check_workers("WORKERS", 1, "RAY_ADDRESS", None)
+    for bad in ("", "../up", "a/b", "..", None):
+        with pytest.raises(ParameterError, match="RUN_PREFIX = "):
+            check_run_prefix("RUN_PREFIX", bad)
+    check_run_prefix("RUN_PREFIX", "kl_demo")

@@ -212,3 +212,11 @@ def check_workers(name: str, value: Any, ray_name: str, ray: Any) -> None:
         raise ParameterError(
             ray_name, ray, "Ray is not installed. Fix: pip install 'divscope[ray]'", "None"
         )
+
+
+def check_run_prefix(name: str, value: Any) -> None:
+    """``value`` must be a run-name prefix: one path component (runs are ``<prefix>_<time>``
+    folders inside the output folder, never elsewhere)."""
+    ok = isinstance(value, str) and value.strip() and value not in (".", "..")
+    if not ok or "/" in value or "\\" in value or "\0" in value:
+        raise ParameterError(name, value, "not a folder-name prefix", "a name without '/'")
