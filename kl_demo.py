@@ -72,7 +72,11 @@ from divscope.params import (
     check_int,
     check_model,
     check_number,
+    check_output_dir,
     check_path,
+    check_run_prefix,
+    check_seed,
+    check_workers,
     one_line_errors,
     parameter,
 )
@@ -118,8 +122,13 @@ else:
     check_number("TEMPERATURE", TEMPERATURE)
     check_device("DEVICE", DEVICE)
     check_choice("DTYPE", DTYPE, DTYPES)
+    check_workers("WORKERS", WORKERS, "RAY_ADDRESS", RAY_ADDRESS)
 check_int("TOP_N_DISPLAY", TOP_N_DISPLAY)
 check_int("N_BOOTSTRAP", N_BOOTSTRAP)
+check_seed("SEED", SEED)
+check_output_dir("OUTPUT_DIR", OUTPUT_DIR)
+check_output_dir("FIGURES_DIR", FIGURES_DIR)
+check_run_prefix("RUN_PREFIX", RUN_PREFIX)
 
 # %% [markdown]
 # ## Load the two sample files, or run the two models and write their samples
@@ -268,18 +277,26 @@ else:
 # %%
 if diff is not None and diff.units:
     ch = diff.changed["overall"]
-    display(
-        Table(
-            {
-                "raised in B": repr(up["token"]),
-                "mean Δp": up["delta_prob"],
-                "lowered in B": repr(down["token"]),
-                "mean Δp ": down["delta_prob"],
-            }
-            for up, down in zip(ch["boosted_in_b"][:12], ch["suppressed_in_b"][:12], strict=False)
+    if ch.get("note"):  # identical models: no token raised or lowered
+        print(ch["note"])
+    else:
+        display(
+            Table(
+                {
+                    "raised in B": repr(up["token"]),
+                    "mean Δp": up["delta_prob"],
+                    "lowered in B": repr(down["token"]),
+                    "mean Δp ": down["delta_prob"],
+                }
+                for up, down in zip(
+                    ch["boosted_in_b"][:12], ch["suppressed_in_b"][:12], strict=False
+                )
+            )
         )
-    )
     for cat, c in diff.changed["by_category"].items():
+        if c.get("note"):
+            print(f"{cat}: {c['note']}")
+            continue
         up = ", ".join(repr(t["token"]) for t in c["boosted_in_b"][:5])
         down = ", ".join(repr(t["token"]) for t in c["suppressed_in_b"][:5])
         print(f"{cat}: B raises {up}; lowers {down}")

@@ -55,7 +55,10 @@ from divscope.params import (
     check_device,
     check_int,
     check_model,
+    check_output_dir,
     check_path,
+    check_run_prefix,
+    check_workers,
     one_line_errors,
     parameter,
 )
@@ -92,6 +95,10 @@ check_path("QUESTIONS_FILE", QUESTIONS_FILE)
 check_int("MAX_NEW_TOKENS", MAX_NEW_TOKENS)
 check_int("EXPLAIN_PAIRS", EXPLAIN_PAIRS, minimum=0)
 check_path("LEAKAGE_FILE", LEAKAGE_FILE, none=True, directory=True)
+check_workers("WORKERS", WORKERS, "RAY_ADDRESS", RAY_ADDRESS)
+check_output_dir("OUTPUT_DIR", OUTPUT_DIR)
+check_output_dir("FIGURES_DIR", FIGURES_DIR)
+check_run_prefix("RUN_PREFIX", RUN_PREFIX)
 
 # %% [markdown]
 # ## The personas and questions

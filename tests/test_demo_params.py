@@ -76,6 +76,27 @@ CASES = [
         "no such",
     ),
     ("persona_js_demo.py", {"BACKEND": '"vllm"'}, "BACKEND = 'vllm'", "pip install"),
+    # checked in the parameter cell, not after the models ran (issue 23 item 12)
+    (
+        "kl_demo.py",
+        {"SOURCE": '"models"', "OUTPUT_DIR": '"data/prompts/prompts.jsonl"'},
+        "OUTPUT_DIR = 'data/prompts/prompts.jsonl'",
+        "is a file, not a folder",
+    ),
+    (
+        "kl_demo.py",
+        {"FIGURES_DIR": '"data/prompts/prompts.jsonl/figs"'},
+        "FIGURES_DIR = 'data/prompts/prompts.jsonl/figs'",
+        "data/prompts/prompts.jsonl is a file, not a folder",
+    ),
+    ("kl_demo.py", {"SEED": "-1"}, "SEED = -1", "0 to 9223372036854775807"),
+    ("kl_demo.py", {"SOURCE": '"models"', "WORKERS": "2"}, "WORKERS = 2", "needs Ray"),
+    (
+        "persona_js_demo.py",
+        {"OUTPUT_DIR": '"data/prompts/prompts.jsonl"'},
+        "OUTPUT_DIR = 'data/prompts/prompts.jsonl'",
+        "is a file, not a folder",
+    ),
 ]
 
 

@@ -177,3 +177,76 @@ def test_scatter_points_are_labelled(reference):
     assert len(fig.axes[0].texts) == res["kl_asymmetry"]["n_pairs"]
     plt.close(fig)
     json.dumps(res["kl_asymmetry"])  # the result the figure reads is plain data
+
+
+# ---------------------------------------------------------------- user text is literal
+
+DOLLARS = "echo $USER_$HOST"  # two $ signs: matplotlib's mathtext would parse (and fail on) it
+
+
+def _literal_everywhere(figs: dict) -> None:
+    """Every figure draws, and every drawn text with a $ in it is shown as typed, not as math."""
+    from matplotlib import cbook
+
+    for name, fig in figs.items():
+        texts = [t.get_text() for t in drawn_texts(fig)]  # raised in mathtext before the fix
+        plt.close(fig)
+        dollars = [t for t in texts if "$" in t]
+        assert dollars, name  # the user text is in the figure
+        assert not [t for t in dollars if cbook.is_math_text(t)], (name, dollars)
+
+
+def _dollar_pair(tmp_path, n: int = 8):
+    """The first ``n`` prompts of the shipped pair, each prompt and category with two $."""
+    paths = []
+    for name in ("smollm2-135m-instruct.jsonl", "gemma-3-270m.jsonl"):
+        recs = [json.loads(x) for x in (SHIPPED / name).read_text().splitlines()[:n]]
+        for r in recs:
+            r["prompt"] = f"{DOLLARS} {r['prompt']}"
+            r["category"] = f"${r['category']}_$"
+        paths.append(tmp_path / name)
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths
+
+
+def test_ranking_figures_show_dollar_signs_literally(tmp_path):
+    from divscope.estimators.ranking import rank_prompts
+    from divscope.samples import load_pair
+
+    a, b = load_pair(*_dollar_pair(tmp_path))
+    r = rank_prompts(a, b, n_bootstrap=20)
+    figs = _ranking_figures(a, b, r)
+    figs["tokens_with_dollars"] = plots.token_view(
+        ["$x_", "$", "a$b$c", "\\$y_$"], np.array([0.1, -0.2, 0.3, np.nan]), title=DOLLARS
+    )
+    for name in ("score_distribution", "top_prompt_tokens", "top_prompt_tokens_models"):
+        plt.close(figs.pop(name))  # no $ in these (the prompt is not in them)
+    _literal_everywhere(figs)
+
+
+def test_persona_figures_show_dollar_signs_literally(reference):
+    m, cos, res = reference
+    n = 6
+    names = [f"${x}_$" for x in m.names[:n]]
+    rename = dict(zip(m.names, names, strict=False))
+    c = cos[0]
+    idx = [c.names.index(x) for x in m.names[:n]]
+    lk = json.loads(json.dumps(res["leakage"]))
+    for p in lk["directed_pairs"]:
+        p["source"], p["target"] = f"${p['source']}_$", f"${p['target']}_$"
+    key = next(iter(lk["cosine"]))
+    kl = json.loads(json.dumps(res["kl_asymmetry"]))
+    for p in kl["pairs"]:
+        p["a"], p["b"] = rename.get(p["a"], f"${p['a']}_$"), rename.get(p["b"], f"${p['b']}_$")
+    figs = {
+        "heatmap": pp.matrix_heatmap(m.js[:n, :n], names, label="JS [nats]", title=DOLLARS),
+        "js_vs_cosine": pp.js_vs_cosine(
+            m.js[:n, :n], c.matrix[np.ix_(idx, idx)], names, layer="$l_$"
+        ),  # fmt: skip
+        "cosine_by_layer": pp.cosine_by_layer(
+            {f"{names[0]}|{names[1]}": [0.1, 0.2]}, [1, 2], [f"{names[0]}|{names[1]}"]
+        ),
+        "leakage": pp.leakage_side_by_side(lk, key, [0.5] * len(lk["directed_pairs"])),
+        "kl_asymmetry": pp.kl_asymmetry_vs_leakage(kl),
+    }
+    _literal_everywhere(figs)

@@ -298,3 +298,25 @@ def test_crafted_run_files_cannot_inject_markup(ranking_run, tmp_path):
     html_path, md_path = build_report(ok, ok / "report", "both")
     for text in (html_path.read_text(), md_path.read_text()):
         assert "<script>alert" not in text and "<img src=x" not in text
+
+
+def test_report_on_prompts_with_dollar_signs(tmp_path, capsys):
+    """Prompts and categories with two $ (``echo $USER_$HOST``) are text, not mathtext: the
+    report's figures used to raise in matplotlib's math parser."""
+    import json
+
+    from conftest import synthetic_pair
+
+    fa, fb, _ = synthetic_pair(tmp_path, n_prompts=4, n_resp=2)
+    for f in (fa, fb):
+        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        for i, rec in enumerate(recs):
+            rec["prompt"], rec["category"] = f"echo $USER_$HOST {i}", f"$sh_${i % 2}"
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run = tmp_path / "run"
+    run.mkdir()
+    args = ["rank", str(fa), str(fb), "--json", str(run / "ranking.json"), "--n-bootstrap", "20"]
+    assert main(args) == 0
+    assert main(["report", str(run), "--format", "both"]) == 0, capsys.readouterr().err
+    assert "echo $USER_$HOST 0" in (run / "report.md").read_text()
+    assert (run / "report.html").stat().st_size > 0

@@ -95,6 +95,17 @@ def nested_size(
     return walk(obj, 0)[0]
 
 
+MAX_INT_DIGITS = 40  # longer integers are corrupt data (Python refuses over 4300 with a traceback)
+
+
+def json_int(text: str) -> int:
+    """``json.loads``' ``parse_int`` for untrusted files: a ValueError (which readers report
+    as corrupt JSON) for an integer of more than :data:`MAX_INT_DIGITS` digits."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer with {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
 class UnreadableFile(ValueError):
     """A file that cannot be read as what it should be: ``problem`` and ``fix`` say why."""
 

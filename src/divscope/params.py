@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from divscope.diff.conditions import DiffInputError, parse_spec
+from divscope.execution.executors import ExecutorError
 from divscope.models.chat import TemplateSeamError
 from divscope.models.load import (
     PACKAGED,
@@ -28,6 +29,7 @@ from divscope.models.load import (
     model_problem,
 )
 from divscope.personas.data import PersonaDataError
+from divscope.runmeta import OutputError, folder_problem
 from divscope.samples.errors import SampleFileError
 from divscope.sampling.config import ConfigError
 from divscope.stats.analysis import AnalysisInputError
@@ -42,6 +44,8 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     TemplateSeamError,
     AnalysisInputError,
+    ExecutorError,
+    OutputError,
 )
 
 
@@ -176,3 +180,43 @@ def check_device(name: str, value: Any) -> None:
     why = device_problem(str(value))
     if why is not None:
         raise ParameterError(name, value, why, ", ".join(map(repr, available_devices())))
+
+
+SEED_MAX = 2**63 - 1  # torch's generator seeds are 64-bit; each batch adds its offset
+
+
+def check_seed(name: str, value: Any) -> None:
+    """``value`` must be a seed numpy and torch both take: an integer 0 to 2**63 - 1."""
+    check_int(name, value, minimum=0, maximum=SEED_MAX, why="not a 64-bit seed")
+
+
+def check_output_dir(name: str, value: Any) -> None:
+    """``value`` must name a folder that exists or can be made, and may be written into
+    (checked before any work, so a run never fails at its end for want of a place)."""
+    if not isinstance(value, str | Path) or not str(value).strip():
+        raise ParameterError(name, value, "not a folder path", "a path")
+    problem = folder_problem(value)
+    if problem is not None:
+        raise ParameterError(name, value, problem, "a folder you may write into")
+
+
+def check_workers(name: str, value: Any, ray_name: str, ray: Any) -> None:
+    """``value`` Ray workers with the Ray address ``ray`` (named ``ray_name``): at least 1,
+    more than 1 only with Ray, and Ray installed when asked for."""
+    if ray is not None and (not isinstance(ray, str) or not ray.strip()):
+        raise ParameterError(ray_name, ray, "not an address", "None, 'local' or 'host:6379'")
+    check_int(name, value)
+    if value > 1 and ray is None:
+        raise ParameterError(name, value, f"more than 1 worker needs Ray: set {ray_name}", "1")
+    if ray is not None and importlib.util.find_spec("ray") is None:
+        raise ParameterError(
+            ray_name, ray, "Ray is not installed. Fix: pip install 'divscope[ray]'", "None"
+        )
+
+
+def check_run_prefix(name: str, value: Any) -> None:
+    """``value`` must be a run-name prefix: one path component (runs are ``<prefix>_<time>``
+    folders inside the output folder, never elsewhere)."""
+    ok = isinstance(value, str) and value.strip() and value not in (".", "..")
+    if not ok or "/" in value or "\\" in value or "\0" in value:
+        raise ParameterError(name, value, "not a folder-name prefix", "a name without '/'")

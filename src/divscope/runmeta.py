@@ -68,6 +68,24 @@ def check_writable(path: Path, *, overwrite: bool = False) -> None:
         raise output_error(path, e)
 
 
+def folder_problem(path: Path | str, *, writable: bool = True) -> str | None:
+    """Why ``path`` cannot be (or be created as) a folder to write into; None when it can.
+
+    Nothing is created: the nearest existing of ``path`` and its parents must be a folder
+    (and, with ``writable``, one this process may write into).
+    """
+    path = Path(path)
+    first = next((p for p in (path, *path.parents) if p.exists()), None)
+    if first is None:
+        return None
+    if not first.is_dir():
+        return "is a file, not a folder" if first == path else f"{first} is a file, not a folder"
+    if writable and not os.access(first, os.W_OK | os.X_OK):
+        e = OSError(errno.EROFS if _read_only(first) else errno.EACCES, "not writable")
+        return f"{first}: {output_error(first, e).problem}"
+    return None
+
+
 def _read_only(path: Path) -> bool:
     return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 

@@ -85,12 +85,37 @@ def parse_spec(spec: str, system: str | None = None, default_dtype: str = "float
     if dtype not in DTYPES:
         raise DiffInputError(f"model spec {spec!r}: dtype {dtype!r}. Fix: one of {DTYPES}")
     adapter = opts.get("adapter")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+    if adapter is not None:
+        _check_adapter_dir(spec, adapter)
+    return Condition(parts[0], adapter, dtype, system)
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _check_adapter_dir(spec: str, adapter: str) -> None:
+    """Refuse an adapter directory PEFT would misreport: no config, no weights, no peft_type."""
+    folder = Path(adapter)
+    fix = "Fix: give the directory that adapter.save_pretrained wrote"
+    if not (folder / "adapter_config.json").is_file():
         raise DiffInputError(
             f"model spec {spec!r}: {adapter} is not a PEFT adapter directory (no "
-            "adapter_config.json). Fix: give the directory that adapter.save_pretrained wrote"
+            f"adapter_config.json). {fix}"
         )
-    return Condition(parts[0], adapter, dtype, system)
+    if not any((folder / w).is_file() for w in ADAPTER_WEIGHTS):
+        raise DiffInputError(
+            f"model spec {spec!r}: {adapter} has no adapter weights (expected "
+            f"{' or '.join(ADAPTER_WEIGHTS)} beside adapter_config.json). {fix}"
+        )
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not readable JSON: refused where the config is read
+    if isinstance(config, dict) and not config.get("peft_type"):
+        raise DiffInputError(
+            f"model spec {spec!r}: {folder / 'adapter_config.json'} names no peft_type (e.g. "
+            '"LORA"), so PEFT cannot tell what kind of adapter it is. ' + fix
+        )
 
 
 def load_condition(cond: Condition, device: str = "cpu") -> tuple[Any, Any]:

@@ -54,8 +54,7 @@ from divscope.models.chat import PromptRenderer
 from divscope.models.generate import GenChunk, gen_chunks, generate_cached, sampling_record
 from divscope.models.load import cache_dir, resolve_model
 from divscope.runmeta import content_hash, run_metadata
-from divscope.sampling.config import ConfigError, DatasetSpec
-from divscope.sampling.prompts import PromptItem, load_prompts
+from divscope.sampling.prompts import PromptItem, PromptsFileError, read_prompts_file
 
 Responses = dict[str, list[list[list[int]]]]  # side -> [prompt][sample] -> token ids
 
@@ -99,12 +98,12 @@ def read_prompts(
 ) -> list[PromptItem]:
     """Prompts from a JSONL file (``prompt``, optional ``category``) or a text file: all, the
     first ``max_prompts``, or with ``spread`` that many spread evenly over the file."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise DiffInputError(f"{path}: no such prompts file. Fix: give a .jsonl or .txt file")
     try:
-        items = load_prompts(DatasetSpec(path=str(path)), path)
-    except (ConfigError, UnicodeDecodeError) as e:
-        raise DiffInputError(str(e)) from e
+        items = read_prompts_file(Path(path))
+    except PromptsFileError as e:
+        raise DiffInputError(f"prompts file {e}") from e
     if not max_prompts or max_prompts >= len(items):
         return items
     if spread:

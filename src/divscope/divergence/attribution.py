@@ -8,7 +8,9 @@ statistic), never storing the per-position distributions:
   ``L(x) = sum_t w_t(x) (log P_B(x|t) - log P_A(x|t)) / sum_t w_t(x)``,
   ``w_t(x) = (P_A(x|t) + P_B(x|t)) / 2`` (tokens that matter at a position weigh more).
 
-"Boosted" tokens have the largest ``dP`` (B more likely), "suppressed" the smallest.
+"Boosted" tokens have the largest ``dP`` (B more likely), "suppressed" the smallest; a token
+whose ``|dP|`` is at most :data:`AGREE` (float32 rounding of a probability) is neither, so two
+identical models list no tokens and say that they agree.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from divscope.divergence.fused import _fused
 DEFINITION = (
     "delta_prob = mean over positions of P_b - P_a; "
     "weighted_log_ratio = sum w (log P_b - log P_a) / sum w, w = (P_a + P_b) / 2"
+)
+
+AGREE = 1e-7  # |mean P_B - P_A| at or below this is rounding, not a change
+AGREE_NOTE = (
+    f"A and B agree: no token's mean probability differs by more than {AGREE:g} (B raises and "
+    "lowers nothing)"
 )
 
 
@@ -69,7 +77,8 @@ class WhatChanged:
         return out
 
     def tokens(self, decode: Callable[[int], str], n_tokens: int) -> dict[str, Any]:
-        """The ``n_tokens`` most boosted and most suppressed tokens under B."""
+        """The ``n_tokens`` most boosted and most suppressed tokens under B (none where the
+        two sides agree: then a ``note`` says so)."""
         dp = (self.d_prob / max(self.n_pos, 1)).numpy()
         lrat = (self.lr_num / self.lr_den.clamp(min=1e-300)).numpy()
 
@@ -85,11 +94,16 @@ class WhatChanged:
             ]
 
         order = np.argsort(dp)
-        return {
+        up = [i for i in order[::-1][:n_tokens] if dp[i] > AGREE]
+        down = [i for i in order[:n_tokens] if dp[i] < -AGREE]
+        out = {
             "definition": DEFINITION,
-            "boosted_in_b": listing(order[::-1][:n_tokens]),
-            "suppressed_in_b": listing(order[:n_tokens]),
+            "boosted_in_b": listing(np.array(up, dtype=int)),
+            "suppressed_in_b": listing(np.array(down, dtype=int)),
         }
+        if not up and not down:
+            out["note"] = AGREE_NOTE
+        return out
 
 
 def _changed_rows(

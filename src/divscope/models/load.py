@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from divscope.runmeta import OutputError, folder_problem
+
 # Gemma's chat format, for the base GGUF which ships without a template. Gemma has no system
 # role; divscope's persona pipeline merges a system prompt into the first user turn itself.
 GEMMA_TEMPLATE = (
@@ -66,8 +68,22 @@ CACHE_FORMAT = 2
 
 
 def cache_dir() -> Path:
-    """divscope's cache root: ``$DIVSCOPE_CACHE`` or ``~/.cache/divscope``."""
-    return Path(os.environ.get("DIVSCOPE_CACHE") or Path.home() / ".cache" / "divscope")
+    """divscope's cache root: ``$DIVSCOPE_CACHE`` or ``~/.cache/divscope``.
+
+    Raises:
+        OutputError: It, or a folder above it, is a file (checked before any work is cached
+            there, e.g. before a packaged GGUF is converted); the message names the variable.
+    """
+    env = os.environ.get("DIVSCOPE_CACHE")
+    root = Path(env) if env else Path.home() / ".cache" / "divscope"
+    problem = folder_problem(root, writable=False)  # a read-only cache may still be read
+    if problem is not None:
+        raise OutputError(
+            f"DIVSCOPE_CACHE={env}" if env else f"the cache folder {root}",
+            problem,
+            "set DIVSCOPE_CACHE to a folder (or unset it for ~/.cache/divscope)",
+        )
+    return root
 
 
 class ModelNotFoundError(ValueError):

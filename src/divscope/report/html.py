@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from divscope.bounded import json_int
 from divscope.report.tables import fmt, shorten
 
 CSS = """
@@ -244,8 +245,8 @@ def _checked_ranking(path: Path) -> dict[str, Any]:
         )
 
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_int=json_int)
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8 or JSON
         raise bad(f"unreadable ({type(e).__name__})") from None
     num = (int, float)
     if not isinstance(doc, dict) or not isinstance(doc.get("metric"), str):
@@ -706,6 +707,8 @@ def _persona_explanations(explanations: list[dict[str, Any]], page: Page) -> Non
             f"over {ex['positions']} positions of both personas' answers; {wc['definition']}",
             "muted",
         )
+        if wc.get("note"):
+            page.para(wc["note"])
         for key, label in (
             ("boosted_in_b", f"boosted under {b}"),
             ("suppressed_in_b", f"suppressed under {b}"),

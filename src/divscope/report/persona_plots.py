@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from divscope.report.plots import _axes, _layout, label_points, rotate_ticks
+from divscope.report.plots import _axes, _layout, label_points, literal, rotate_ticks
 
 
 def cluster_order(distance: np.ndarray) -> list[int]:
@@ -48,9 +48,9 @@ def matrix_heatmap(
         annot=n <= 12,
         fmt=".3f",
         annot_kws={"fontsize": 7},
-        xticklabels=[names[i] for i in order],
-        yticklabels=[names[i] for i in order],
-        cbar_kws={"label": label},
+        xticklabels=[literal(names[i]) for i in order],
+        yticklabels=[literal(names[i]) for i in order],
+        cbar_kws={"label": literal(label)},
         square=True,
         **kw,
     )
@@ -95,7 +95,7 @@ def js_vs_cosine(
     fig, ax = _axes(ax, (5.5, 4.5))
     ax.scatter(x, y, s=18)
     rho = spearmanr(x, y).statistic if len(x) > 2 else float("nan")
-    ax.set_xlabel(f"{kind} cosine, hidden_states[{layer}]")
+    ax.set_xlabel(literal(f"{kind} cosine, hidden_states[{layer}]"))
     ax.set_ylabel("JS [nats]")
     ax.margins(0.15)
     _layout(fig, ax, f"layer {layer}: Spearman rho = {rho:.2f} (n = {len(x)} pairs)")
@@ -130,14 +130,14 @@ def leakage_side_by_side(
     cos_entry = leakage_result["cosine"].get(cosine_key, {})
     for ax, x, label, rho in (
         (axes[0], js, "JS [nats]", leakage_result["js_spearman_rho"]),
-        (axes[1], cosine_values, f"cosine {cosine_key}", cos_entry.get("spearman_rho")),
+        (axes[1], cosine_values, literal(f"cosine {cosine_key}"), cos_entry.get("spearman_rho")),
     ):
         ax.scatter(x, leak, c=c, s=20)
         ax.set_xlabel(label)
         ax.set_title(f"Spearman rho = {rho:.3f}" if rho is not None else "rho undefined")
     axes[0].set_ylabel("leakage rate (source -> target)")
     for s in sources:
-        axes[1].scatter([], [], c=colors[s], label=s, s=20)
+        axes[1].scatter([], [], c=colors[s], label=literal(s), s=20)
     axes[1].legend(title="source", fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     cmp = cos_entry.get("comparison")
     if cmp:
@@ -184,7 +184,7 @@ def cosine_by_layer(
     axes, never over a line."""
     fig, ax = _axes(ax, (8, 4))
     for key in dict.fromkeys(keys):
-        ax.plot(layers, curves[key], marker="o", label=key.replace("|", " / "))
+        ax.plot(layers, curves[key], marker="o", label=literal(key.replace("|", " / ")))
     ax.set(xlabel="hidden_states index", ylabel="centred cosine", xticks=layers)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="pair")
     _layout(fig, ax, "centred cosine by layer, farthest and closest pairs by JS")

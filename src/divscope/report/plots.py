@@ -22,18 +22,25 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     return ax.figure, ax
 
 
+def literal(text: str) -> str:
+    """``text`` as matplotlib shows it literally: every ``$`` escaped, so that no part of a
+    prompt, a model or persona name or a token is parsed as mathtext (``echo $USER_$HOST``
+    would raise). Apply it last, to the exact string an artist gets."""
+    return str(text).replace("$", r"\$")
+
+
 def fit_title(ax: Axes, text: str, *, loc: str = "center", **kwargs: object) -> None:
     """Set the title, wrapped onto as many lines as it takes to stay within the axes' width
-    (so it never runs over a colorbar or the next panel)."""
+    (so it never runs over a colorbar or the next panel); shown literally (no mathtext)."""
     renderer = ax.figure.canvas.get_renderer()
-    title = ax.set_title(text, loc=loc, **kwargs)
+    title = ax.set_title(literal(text), loc=loc, **kwargs)
     avail = ax.get_window_extent(renderer).width
     chars = len(text)
     while title.get_window_extent(renderer).width > avail and chars > 12:
         chars = max(
             12, min(chars - 2, int(chars * avail / title.get_window_extent(renderer).width))
         )
-        title.set_text("\n".join(textwrap.fill(p, chars) for p in text.split("\n")))
+        title.set_text(literal("\n".join(textwrap.fill(p, chars) for p in text.split("\n"))))
 
 
 def _layout(fig: Figure, ax: Axes, title: str, **kwargs: object) -> None:
@@ -61,8 +68,10 @@ def label_points(
 ) -> int:
     """Label each point where its label fits: beside the point, inside the axes, clear of every
     point and every label already placed (tried in ``order``, e.g. most interesting first, up
-    to ``limit`` labels). Call it once the layout is final. Returns how many were placed."""
+    to ``limit`` labels). Call it once the layout is final. Returns how many were placed.
+    Labels are shown literally (no mathtext)."""
     fig = ax.figure
+    labels = [literal(x) for x in labels]
     renderer = fig.canvas.get_renderer()
     pts = ax.transData.transform(np.column_stack([xs, ys]))
     r = 4.0  # pixels around a marker
@@ -97,8 +106,9 @@ def label_points(
 
 
 def _label(prompt: str, n: int = 40) -> str:
+    """A prompt on one line, cut to ``n`` characters, as a literal tick label."""
     s = " ".join(prompt.split())
-    return s if len(s) <= n else s[: n - 1] + "…"
+    return literal(s if len(s) <= n else s[: n - 1] + "…")
 
 
 def score_heatmap(
@@ -187,7 +197,7 @@ def category_means(
     lo = np.array([r["ci_low"] if r["ci_low"] is not None else r["mean"] for r in rows])
     hi = np.array([r["ci_high"] if r["ci_high"] is not None else r["mean"] for r in rows])
     fig, ax = _axes(ax, (1.5 + 0.7 * len(rows), 4))
-    ax.bar([r["category"] for r in rows], m, yerr=[m - lo, hi - m], capsize=3, color="C1")
+    ax.bar([literal(r["category"]) for r in rows], m, yerr=[m - lo, hi - m], capsize=3, color="C1")
     ax.set_ylabel(f"mean {metric} [{ranking.units.get(metric, '')}]")
     rotate_ticks(ax)
     level = round(ranking.ci_level * 100)
@@ -234,7 +244,7 @@ def token_view(
                 line, x = line + 1, 0.0
             if not part:
                 continue
-            probe.set_text(part.replace(" ", "\u00a0"))
+            probe.set_text(literal(part.replace(" ", "\u00a0")))
             w = probe.get_window_extent(renderer).width
             if x + w > avail and x > 0:
                 line, x = line + 1, 0.0
@@ -251,7 +261,7 @@ def token_view(
         ax.text(
             x0,
             row,
-            text.replace(" ", "\u00a0"),
+            literal(text.replace(" ", "\u00a0")),
             bbox={"boxstyle": "square,pad=0.05", "fc": color, "ec": "none"},
             **style,
         )

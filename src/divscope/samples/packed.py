@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from divscope.bounded import ArrayFileError, open_npz
+from divscope.bounded import ArrayFileError, json_int, open_npz
 from divscope.samples.errors import SampleFileError
 from divscope.samples.records import (
     _LOGPROB_TOLERANCE,
@@ -247,9 +247,10 @@ def read_samples_packed(path: str | Path, vocab: TokenVocab | None = None) -> Sa
     if not hasattr(z, "files"):
         raise SampleFileError(path, "holds a single array, not a packed sample file", _FIX)
     with z:
-        try:
-            meta = json.loads(_array(z, "meta", path, np.uint8, 1).tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        text = _array(z, "meta", path, np.uint8, 1).tobytes()
+        try:  # ValueError: not UTF-8, not JSON, an integer of thousands of digits
+            meta = json.loads(text.decode("utf-8"), parse_int=json_int)
+        except (ValueError, RecursionError) as e:
             raise SampleFileError(path, f"the meta record is corrupt ({e})", _FIX) from e
         if not isinstance(meta, dict) or meta.get("format") != PACKED_FORMAT:
             got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__

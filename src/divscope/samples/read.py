@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from divscope.bounded import json_int
 from divscope.gcpause import paused_gc
 from divscope.samples.errors import SampleFileError
 from divscope.samples.packed import is_packed, read_samples_packed
@@ -24,15 +25,6 @@ from divscope.samples.safe_pickle import safe_load_pickle
 def _json_constant(name: str) -> float:
     # NaN / Infinity / -Infinity are not JSON but Python writes them; validation rejects NaN/+inf.
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
-
-
-MAX_INT_DIGITS = 40  # longer integers are corrupt data (Python refuses over 4300 with a traceback)
-
-
-def _json_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"an integer with {len(text.lstrip('-'))} digits")
-    return int(text)
 
 
 def _sniff(path: Path, head: bytes) -> str:
@@ -78,7 +70,7 @@ def _read_raw_records(path: Path) -> tuple[Iterable[Any], str]:
     except UnicodeDecodeError as e:
         raise SampleFileError(path, f"not UTF-8 text ({e})", "re-create the file") from e
     try:
-        obj = json.loads(text, parse_constant=_json_constant, parse_int=_json_int)
+        obj = json.loads(text, parse_constant=_json_constant, parse_int=json_int)
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise SampleFileError(
             path, f"truncated or corrupt JSON ({e})", "re-copy or re-create the file"
@@ -104,7 +96,7 @@ def _jsonl_records(path: Path) -> Iterator[Any]:
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line, parse_constant=_json_constant, parse_int=_json_int)
+                raw = json.loads(line, parse_constant=_json_constant, parse_int=json_int)
             except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
                 raise SampleFileError(
                     path,

@@ -23,53 +23,82 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 
 
-def _read(f: BinaryIO, fmt: str) -> Any:
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError("truncated GGUF header")
-    return struct.unpack(fmt, data)[0]
+_MIN_SIZE = {_STRING: 8, _ARRAY: 12}  # bytes an element takes at least (a length or two)
+_MAX_NESTING = 8  # arrays of arrays of ...: real files nest one level
 
 
-def _string(f: BinaryIO) -> str:
-    n = _read(f, "<Q")
-    return f.read(n).decode("utf-8", errors="replace")
+class _Reader:
+    """Reads a GGUF header, never past the end of the file: every length the file declares
+    is checked against the bytes left before anything is read or allocated (a junk file
+    that declares a 2**60-byte string is an error, not a MemoryError)."""
 
+    def __init__(self, f: BinaryIO, path: Path) -> None:
+        self.f, self.path = f, path
+        self.size = path.stat().st_size
 
-def _value(f: BinaryIO, vtype: int) -> Any:
-    if vtype in _SCALARS:
-        return _read(f, _SCALARS[vtype])
-    if vtype == _STRING:
-        return _string(f)
-    if vtype == _ARRAY:
-        etype, n = _read(f, "<I"), _read(f, "<Q")
+    def fail(self, problem: str) -> ValueError:
+        return ValueError(f"{self.path}: not a valid GGUF file ({problem})")
+
+    def take(self, n: int, what: str) -> bytes:
+        left = self.size - self.f.tell()
+        if n > left:
+            raise self.fail(f"{what} declares {n} bytes, past the end of the file ({left} left)")
+        return self.f.read(n)
+
+    def scalar(self, fmt: str, what: str = "a header field") -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q", "a string length")
+        return self.take(n, "a string").decode("utf-8", errors="replace")
+
+    def count(self, n: int, each: int, what: str) -> int:
+        """``n`` items of at least ``each`` bytes, refused when they cannot fit the file."""
+        if n * each > self.size - self.f.tell():
+            raise self.fail(f"{what} declares {n} items, more than the file can hold")
+        return n
+
+    def value(self, vtype: int, depth: int = 0) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype], "a value")
+        if vtype == _STRING:
+            return self.string()
+        if vtype != _ARRAY:
+            raise self.fail(f"unknown value type {vtype}")
+        if depth >= _MAX_NESTING:
+            raise self.fail(f"arrays nested more than {_MAX_NESTING} deep")
+        etype, n = self.scalar("<I", "an array type"), self.scalar("<Q", "an array length")
         if etype in _SCALARS:
             fmt = _SCALARS[etype]
-            size = struct.calcsize(fmt)
-            raw = f.read(size * n)
+            raw = self.take(struct.calcsize(fmt) * n, "an array")
             return list(struct.unpack(f"<{n}{fmt[1]}", raw))
-        return [_value(f, etype) for _ in range(n)]
-    raise ValueError(f"unknown GGUF value type {vtype}")
+        if etype not in _MIN_SIZE:
+            raise self.fail(f"unknown array element type {etype}")
+        self.count(n, _MIN_SIZE[etype], "an array")
+        return [self.value(etype, depth + 1) for _ in range(n)]
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """All key-value metadata of a GGUF file (tensor data is not read).
+    """All key-value metadata of a GGUF file (tensor data is not read), read within the
+    file's size whatever lengths it declares.
 
     Raises:
-        ValueError: Not a GGUF file, or its header is truncated.
+        ValueError: Not a GGUF file, or its header is truncated or corrupt (naming the file).
     """
-    with Path(path).open("rb") as f:
+    path = Path(path)
+    with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
-        version = _read(f, "<I")
+        r = _Reader(f, path)
+        version = r.scalar("<I", "the version")
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is not supported")
-        _read(f, "<Q")  # tensor count
-        n_kv = _read(f, "<Q")
+        r.scalar("<Q", "the tensor count")
+        n_kv = r.count(r.scalar("<Q", "the key count"), 8 + 4, "the key-value table")
         meta: dict[str, Any] = {"GGUF.version": version}
         for _ in range(n_kv):
-            key = _string(f)
-            meta[key] = _value(f, _read(f, "<I"))
+            key = r.string()
+            meta[key] = r.value(r.scalar("<I", "a value type"))
     return meta
 
 

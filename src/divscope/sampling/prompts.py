@@ -21,18 +21,14 @@ class PromptItem:
     category: str | None = None
 
 
-def _prompts_text(path: Path, config_path: str | Path) -> str:
-    """The prompts file as text, or a :class:`ConfigError` saying why it is not one."""
-    try:
-        if path.is_dir():
-            raise ConfigError(config_path, "dataset.path", f"{path} is a directory", _PROMPTS_FIX)
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        problem = f"{path} is not UTF-8 text ({e.reason} at byte {e.start})"
-        raise ConfigError(config_path, "dataset.path", problem, _PROMPTS_FIX) from e
-    except OSError as e:
-        problem = f"{path} cannot be read ({e.strerror})"
-        raise ConfigError(config_path, "dataset.path", problem, _PROMPTS_FIX) from e
+class PromptsFileError(ValueError):
+    """A prompts file that cannot be read: the ``problem`` (naming the file and line) and the
+    ``fix``; ``field`` when a line lacks its prompt field. The sampler reports it in its
+    config's words (``dataset.path``), ``divscope diff`` in the prompts file's own."""
+
+    def __init__(self, problem: str, fix: str, *, field: bool = False) -> None:
+        super().__init__(f"{problem}. Fix: {fix}")
+        self.problem, self.fix, self.field = problem, fix, field
 
 
 _PROMPTS_FIX = 'give a prompts file: .jsonl with one {"prompt": ...} per line, or .txt'
@@ -74,6 +70,61 @@ def category_problem(category: object) -> str | None:
     )
 
 
+def _prompts_text(path: Path) -> str:
+    """The prompts file as text, or a :class:`PromptsFileError` saying why it is not one."""
+    try:
+        if path.is_dir():
+            raise PromptsFileError(f"{path} is a directory", _PROMPTS_FIX)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        problem = f"{path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        raise PromptsFileError(problem, _PROMPTS_FIX) from e
+    except OSError as e:
+        raise PromptsFileError(f"{path} cannot be read ({e.strerror})", _PROMPTS_FIX) from e
+
+
+def read_prompts_file(path: Path, prompt_field: str = "prompt") -> list[PromptItem]:
+    """Prompts of a local file: ``.txt`` one per line, else JSONL with a string
+    ``prompt_field`` (optional ``id`` and ``category``) per line.
+
+    Raises:
+        PromptsFileError: Unreadable, not UTF-8, a line not JSON or without the field, empty.
+    """
+    text = _prompts_text(path)
+    if path.suffix == ".txt":
+        lines = [ln.strip() for ln in text.splitlines()]
+        items = [PromptItem(i, ln) for i, ln in enumerate(x for x in lines if x)]
+        if not items:
+            raise PromptsFileError(f"{path} holds no prompts", "one per line")
+        return items
+    items = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise PromptsFileError(
+                f"{path} line {n} is not JSON ({e})", "fix the prompts file"
+            ) from e
+        if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str):
+            raise PromptsFileError(
+                f"{path} line {n} has no string field {prompt_field!r}",
+                f'give every line a string "{prompt_field}": {{"{prompt_field}": "..."}}',
+                field=True,
+            )
+        problem = text_problem(row[prompt_field], "its prompt") or category_problem(
+            row.get("category")
+        )
+        if problem:
+            what, _, fix = problem.partition(". Fix: ")
+            raise PromptsFileError(f"{path} line {n}: {what}", fix)
+        items.append(PromptItem(len(items), row[prompt_field], row.get("id"), row.get("category")))
+    if not items:
+        raise PromptsFileError(f"{path} holds no prompts", "one JSON object per line")
+    return items
+
+
 def load_prompts(ds: DatasetSpec, config_path: str | Path = "<config>") -> list[PromptItem]:
     """Read the prompt dataset (local .jsonl/.txt, or a Hugging Face dataset)."""
     if ds.source == "huggingface":
@@ -101,49 +152,13 @@ def load_prompts(ds: DatasetSpec, config_path: str | Path = "<config>") -> list[
             f"{ds.path} does not exist",
             "give a prompts file relative to the working directory",
         )
-    text = _prompts_text(path, config_path)
-    items = []
-    if path.suffix == ".txt":
-        lines = [ln.strip() for ln in text.splitlines()]
-        items = [PromptItem(i, ln) for i, ln in enumerate(x for x in lines if x)]
-        if not items:
-            raise ConfigError(
-                config_path, "dataset.path", f"{path} holds no prompts", "one per line"
-            )
-        return items
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-            raise ConfigError(
-                config_path,
-                "dataset.path",
-                f"{path} line {n} is not JSON ({e})",
-                "fix the prompts file",
-            ) from e
-        if not isinstance(row, dict) or not isinstance(row.get(ds.prompt_field), str):
-            raise ConfigError(
-                config_path,
-                "dataset.prompt_field",
-                f"{path} line {n} has no string field {ds.prompt_field!r}",
-                "fix the file or set dataset.prompt_field",
-            )
-        problem = text_problem(row[ds.prompt_field], "its prompt") or category_problem(
-            row.get("category")
-        )
-        if problem:
-            what, _, fix = problem.partition(". Fix: ")
-            raise ConfigError(config_path, "dataset.path", f"{path} line {n}: {what}", fix)
-        items.append(
-            PromptItem(len(items), row[ds.prompt_field], row.get("id"), row.get("category"))
-        )
-    if not items:
-        raise ConfigError(
-            config_path, "dataset.path", f"{path} holds no prompts", "one JSON object per line"
-        )
-    return items
+    try:
+        return read_prompts_file(path, ds.prompt_field)
+    except PromptsFileError as e:  # in the config's words
+        if e.field:
+            fix = "fix the file or set dataset.prompt_field"
+            raise ConfigError(config_path, "dataset.prompt_field", e.problem, fix) from e
+        raise ConfigError(config_path, "dataset.path", e.problem, e.fix) from e
 
 
 def select_prompts(items: list[PromptItem], num: int | None, seed: int) -> list[PromptItem]:

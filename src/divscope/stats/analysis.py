@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as st
 
+from divscope.bounded import json_int
 from divscope.runmeta import read_csv
 
 
@@ -71,10 +72,10 @@ class CosineMeasure:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"), parse_int=json_int)
     except FileNotFoundError as e:
         raise AnalysisInputError(f"{path}: no such file. Fix: check the path") from e
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, not UTF-8, an integer of thousands of digits
         raise AnalysisInputError(f"{path}: not valid JSON ({e}). Fix: re-create it") from e
 
 
