@@ -267,3 +267,22 @@ def test_unit_npz_with_a_broken_deflate_stream(tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(ArrayFileError):
             read_unit_arrays(path, "k", {"a": ("f", (-1,))})
+
+
+@needs_smol
+def test_a_damaged_explanation_is_recomputed(tmp_path):
+    """The persona explanations' cache gets the same check (old code: a JSON traceback)."""
+    import divscope.personas.explain as ex
+    from divscope.models.load import load_model
+
+    model, cache = save_tiny_model(tmp_path / "m", 0), tmp_path / "cache"
+    result = tiny_personas(model, cache)
+    loaded = load_model(str(model))
+    run = (result.records, result.names, result.matrices["js"])
+    first = ex.explain_run(*loaded, *run, n_pairs=1, cache=result.cache)
+    (path,) = result.cache.glob("explain_*.json")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.warns(UserWarning, match=f"{path.name}.*recomputing"):
+        again = ex.explain_run(*loaded, *run, n_pairs=1, cache=result.cache)
+    assert again == first
+    assert ex.explain_run(*loaded, *run, n_pairs=1, cache=result.cache) == first  # rewritten

@@ -202,13 +202,17 @@ def test_personas_runs_from_any_directory_with_the_shipped_inputs(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    # an empty model cache, as on a new machine: the first run converts the GGUF (quietly too)
+    cache = tmp_path / "empty_cache"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg", DIVSCOPE_CACHE=str(cache))
     proc = subprocess.run(
         [sys.executable, "-m", "divscope", "personas", "--n-personas", "2", "--n-questions",
          "1", "--max-new-tokens", "4", "--explain-pairs", "0", "--out", "out", "--quiet"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (cache / "models" / "smollm2-135m-instruct" / "divscope.json").is_file()
+    assert "Converting" not in proc.stderr, proc.stderr[-500:]
     assert "Loading weights" not in proc.stderr and "it/s" not in proc.stderr  # --quiet
     assert "deprecated" not in proc.stderr, proc.stderr
     mats = json.loads((tmp_path / "out" / "divergence_matrices.json").read_text())

@@ -145,6 +145,63 @@ def test_diff_generates_through_vllm(engine, smol, tmp_path):
     assert again.responses == result.responses and again.metadata["units_from_cache"] == 2
 
 
+def test_vllm_samples_the_model_s_own_full_distribution(engine, smol):
+    """Temperature 1, top-p 1 through vLLM: 3000 single-token draws where SmolLM2 spreads its
+    mass (the first token of an answer to "Say one word.": about 45% of it outside the 50 most
+    likely tokens) fit the model's full softmax computed by transformers (chi-square, bins with
+    an expected count below 5 pooled, the stop tokens one bin). A top-k of 50 would put no
+    draw outside the top 50."""
+    from scipy import stats
+
+    from divscope.models.chat import PromptRenderer
+    from divscope.models.generate import generate_vllm, stop_ids
+
+    model, tok = smol
+    prompt = PromptRenderer(tok).prompt_ids(None, "Say one word.")
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1).numpy()
+    n = 3000
+    got = generate_vllm(
+        engine, tok, [prompt] * n, max_new_tokens=1, temperature=1.0, top_p=1.0, seed=0,
+        dtype="float32",
+    )  # fmt: skip
+    stops = sorted(stop_ids(tok, model))
+    drawn = np.array([r[0] if r else stops[0] for r in got])  # an empty answer: it stopped
+    is_stop = np.isin(drawn, stops)
+    counts = np.bincount(drawn[~is_stop], minlength=len(p)).astype(float)
+    probs = p.copy()
+    probs[stops] = 0.0
+    counts = np.append(counts, is_stop.sum())  # the stop tokens: one bin
+    probs = np.append(probs, p[stops].sum())
+
+    top50 = np.argsort(-p)[:50]
+    outside_mass = 1 - p[top50].sum()
+    outside_draws = 1 - np.isin(drawn, top50).mean()
+    assert outside_mass > 0.3, outside_mass  # the premise: a top-k of 50 would show
+    assert abs(outside_draws - outside_mass) < 4 * np.sqrt(outside_mass * (1 - outside_mass) / n)
+
+    expected = n * probs / probs.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    assert exp[-1] >= 5 and big.sum() > 50
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_vllm_sampling_settings_are_explicit():
+    """What generate_vllm passes leaves the distribution alone: top-k off at this vLLM's own
+    "all tokens" value, no penalties, no min-p, no minimum length."""
+    from vllm import SamplingParams
+
+    from divscope.models.generate import VLLM_NEUTRAL, _vllm_top_k_off
+
+    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=_vllm_top_k_off(SamplingParams),
+                            **VLLM_NEUTRAL)  # fmt: skip
+    assert params.top_k in (0, -1) and params.min_p == 0.0 and params.min_tokens == 0
+    assert params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+    assert params.frequency_penalty == 0.0
+
+
 def test_cli_diff_with_the_vllm_backend(engine, tmp_path):
     """``python -m divscope diff --backend vllm`` in a fresh cache: vLLM's engine starts in
     a spawned process, the command runs once, generates both sides and writes its outputs."""

@@ -12,6 +12,7 @@ Examples: ``smollm2-135m-instruct``, ``smollm2-135m-instruct,adapter=data/adapte
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,11 @@ def _merge_adapter(model: Any, cond: Condition) -> Any:
         "base_model_name_or_path"
     )
     try:
-        merged = PeftModel.from_pretrained(model, cond.adapter).merge_and_unload()
+        with warnings.catch_warnings():  # peft asks transformers for a deprecated property
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+            )
+            merged = PeftModel.from_pretrained(model, cond.adapter).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0][:300]
         raise DiffInputError(

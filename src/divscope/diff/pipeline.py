@@ -52,7 +52,7 @@ from divscope.estimators.ranking import Ranking
 from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
 from divscope.models.generate import GenChunk, gen_chunks, generate_cached, sampling_record
-from divscope.models.load import cache_dir, resolve_model
+from divscope.models.load import cache_dir, library_bars_hidden, resolve_model
 from divscope.runmeta import content_hash, run_metadata
 from divscope.sampling.prompts import PromptItem, PromptsFileError, read_prompts_file
 
@@ -242,7 +242,8 @@ def merged_dir(setup: DiffSetup, side: str) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
         try:
-            setup.models[side].save_pretrained(tmp)
+            with library_bars_hidden():
+                setup.models[side].save_pretrained(tmp)
             setup.tokenizers[side].save_pretrained(tmp)
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)

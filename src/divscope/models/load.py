@@ -13,12 +13,15 @@ that records how the copy was made.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,6 +148,39 @@ def packaged_gguf(name: str) -> Path:
     return Path(module.assemble())
 
 
+@contextmanager
+def library_bars_hidden() -> Iterator[None]:
+    """transformers' own progress bars hidden while inside: the GGUF conversion's, "Loading
+    weights", "Writing model shards" (divscope's bars say what runs; these are noise in a
+    terminal). The settings in force before are restored after; the hub's download bars keep
+    theirs (``--quiet`` hides those)."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as hf_logging
+
+    shown, hub_hidden = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    # the GGUF loader calls tqdm directly, not through transformers' switch
+    gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if shown:
+            hf_logging.enable_progress_bar()  # the hub's bars too: set right below
+        if hub_hidden:
+            disable_progress_bars()
+        else:
+            enable_progress_bars()
+
+
 def convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> Path:
     """Dequantise a GGUF with transformers and save it as safetensors + tokenizer in ``out``.
 
@@ -155,10 +191,11 @@ def convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> Pat
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    with library_bars_hidden():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -173,7 +210,8 @@ def convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        model.save_pretrained(tmp)
+        with library_bars_hidden():
+            model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "divscope.json").write_text(
             json.dumps(
@@ -296,9 +334,11 @@ def load_model(name: str, *, device: str = "cpu", dtype: str = "float32") -> tup
     if dtype not in DTYPES:
         raise DeviceError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path, local_only, tok = _tokenizer(name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), local_files_only=local_only
-    )
+    # a local model's "Loading weights" bar is noise; a hub model's load may be a download
+    with library_bars_hidden() if Path(path).is_dir() else nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), local_files_only=local_only
+        )
     model.to(device).eval()
     return model, tok
 

@@ -10,19 +10,20 @@
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from divscope.bounded import ArrayFileError, read_unit_json, write_unit_json
 from divscope.divergence.attribution import WhatChanged
 from divscope.divergence.fused import js_and_kls
 from divscope.models.teacher_force import output_head, response_logprobs
-from divscope.runmeta import atomic_write_json, content_hash
+from divscope.runmeta import content_hash
 
-EXPLAIN_FORMAT = 1  # part of every cache key: bump when an explanation's content changes
+EXPLAIN_FORMAT = 2  # in every cache key: bump when an explanation's file changes (2: checksum)
 
 
 def _tok(tokenizer: Any, i: int) -> str:
@@ -153,14 +154,29 @@ def explain_run(
     for k in order:
         a, b = names[iu[0][k]], names[iu[1][k]]
         path = _explain_path(cache, tokenizer, records, prompts, a, b, kwargs) if cache else None
-        if path is not None and path.exists():
-            out.append(json.loads(path.read_text()))
+        cached = _read_explanation(path) if path is not None else None
+        if cached is not None:
+            out.append(cached)
             continue
         ex = persona_pair_explanation(model, tokenizer, records, prompts, a, b, **kwargs)
         if path is not None:
-            atomic_write_json(path, ex, overwrite=True)
+            write_unit_json(path, path.stem, ex)
         out.append(ex)
     return out
+
+
+def _read_explanation(path: Path) -> dict[str, Any] | None:
+    """A cached explanation, or None when there is none or it fails its checks (then it is
+    named in a warning and recomputed, as every cache unit)."""
+    if not path.exists():
+        return None
+    try:
+        return read_unit_json(
+            path, path.stem, lambda v: None if isinstance(v, dict) else "is not an explanation"
+        )
+    except ArrayFileError as e:
+        warnings.warn(f"{e}; recomputing this unit", stacklevel=3)
+        return None
 
 
 def _explain_path(
