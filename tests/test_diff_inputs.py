@@ -237,6 +237,15 @@ def test_prompts_with_a_bad_category_are_refused_when_read(tmp_path, category, n
         read_prompts(p)
 
 
+def test_persona_questions_with_a_bad_category_are_refused(tmp_path):
+    from divscope.personas.data import PersonaDataError, load_questions
+
+    q = tmp_path / "q.yaml"
+    q.write_text("questions:\n  - {id: a, text: Hello, category: [x, y]}\n")
+    with pytest.raises(PersonaDataError, match="question 0: category .* is a list"):
+        load_questions(q)
+
+
 def test_one_prompt_says_there_is_no_standard_error(models, tmp_path, capsys):
     p = prompts_file(tmp_path / "one.jsonl", [{"prompt": "Say hello."}])
     assert diff(models, tmp_path, tmp_path / "out", prompts=p) == 0

@@ -293,7 +293,17 @@ def test_crafted_run_files_cannot_inject_markup(ranking_run, tmp_path):
     tricky = json.loads(json.dumps(doc))
     tricky["models"] = ["<img src=x onerror=alert(1)>", tricky["models"][1]]
     tricky["prompts"][0]["prompt"] = "<script>alert(2)</script>"
-    tricky["files"] = doc["files"]
+    tricky["files"] = []  # the sample files, crafted alike (the report checks they match)
+    for f, name in zip(doc["files"], ("a.jsonl", "b.jsonl"), strict=True):
+        text = (
+            Path(f).read_text().replace('"smollm2-135m-instruct"', json.dumps(tricky["models"][0]))
+        )
+        recs = [json.loads(line) for line in text.splitlines()]
+        for r in recs:
+            if r["index"] == tricky["prompts"][0]["index"]:
+                r["prompt"] = tricky["prompts"][0]["prompt"]
+        (ok / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        tricky["files"].append(name)
     (ok / "ranking.json").write_text(json.dumps(tricky))
     html_path, md_path = build_report(ok, ok / "report", "both")
     for text in (html_path.read_text(), md_path.read_text()):

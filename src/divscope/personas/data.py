@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from divscope.bounded import UnreadableFile, read_yaml
+from divscope.sampling.prompts import category_problem
 
 
 @dataclass(frozen=True)
@@ -83,5 +84,7 @@ def load_questions(path: str | Path, n: int | None = None) -> list[Question]:
                 f"{path}: question {i} needs a string `text`. "
                 "Fix: write {id: ..., text: ..., category: ...}"
             )
+        if problem := category_problem(e.get("category")):
+            raise PersonaDataError(f"{path}: question {i}: {problem}")
         out.append(Question(str(e.get("id", f"q{i:02d}")), e["text"], e.get("category")))
     return _first(out, n, path, "questions")
