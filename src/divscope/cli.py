@@ -187,7 +187,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompts or defaults.PROMPTS, args.max_prompts)
     out = Path(args.out)
-    clash = [f for f in FILES if (out / f).exists()]
+    names = FILES + (("layers.json",) if args.layers else ())
+    clash = [f for f in names if (out / f).exists()]
     if clash and not args.overwrite:
         raise FileExistsError(f"{out} already holds {clash}")
     executor = make_executor(args.ray, args.workers, device=args.device)
@@ -207,6 +208,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.quiet,
             executor=executor,
+            layers=args.layers,
         )
     finally:
         executor.close()
@@ -226,6 +228,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
             f"same top token {s['same_top_rate']:.1%}, "
             f"ln(PPL_B/PPL_A) {s['ln_ppl_ratio_b_over_a']:.4g}"
         )
+    for line in (result.layers or {}).get("sentences", []):
+        print(f"  {line}")
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 
@@ -535,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument(
+        "--layers",
+        action="store_true",
+        help="also decompose KL(A||B) over the embeddings, each block and the head, with "
+        "drift and each block's named direction (layers.json; same architecture and "
+        "tokenizer, different weights, one system prompt)",
+    )
     _executor_options(d)
     d.set_defaults(func=_cmd_diff)
 

@@ -1,7 +1,7 @@
 """Writing a diff's run directory: ``ranking.json`` (the ``divscope rank --json`` contract),
 ``summary.json``, ``what_changed.json``, both sides' samples as divscope JSONL (token ids,
 top-k logprobs, aligned cross-scores, and the exact per-position values under ``exact``) and
-``metadata.json``. Every file is checked for a clash before anything is written."""
+``metadata.json``; with ``--layers`` also ``layers.json``. Every file is checked for a clash before anything is written."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ def write_outputs(
     """Write the run directory (see the module doc); refuses, before writing anything, when a
     file exists and ``overwrite`` is False."""
     out = Path(out_dir)
+    names = FILES + (("layers.json",) if result.layers is not None else ())
     if not overwrite:
-        clash = [f for f in FILES if (out / f).exists()]
+        clash = [f for f in names if (out / f).exists()]
         if clash:
             raise FileExistsError(
                 f"{out} already holds {clash}; choose a new --out or pass --overwrite"
@@ -89,6 +90,10 @@ def write_outputs(
         lines = [json.dumps(r, ensure_ascii=False) for r in recs]
         name = f"samples_{side}.jsonl"
         written[name] = atomic_write_text(out / name, "\n".join(lines) + "\n", overwrite=True)
+    if result.layers is not None:
+        written["layers.json"] = atomic_write_json(
+            out / "layers.json", result.layers, overwrite=True
+        )
     written["metadata.json"] = atomic_write_json(
         out / "metadata.json", result.metadata, overwrite=True
     )
