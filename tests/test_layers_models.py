@@ -95,6 +95,7 @@ def test_refusals_one_line_exit_2_nothing_written(tmp_path, capsys):
     LlamaForCausalLM(cfg).save_pretrained(tiny)
     load_model("smollm2-135m-instruct")[1].save_pretrained(tiny)
     smol = "smollm2-135m-instruct"
+    capsys.readouterr()
     cases = [
         (("--a", smol, "--b", smol, "--system-b", "Talk like a pirate."), "share all weights"),
         (("--a", smol, "--b", PIRATE, "--system-b", "Be brief."), "different system prompts"),
@@ -103,7 +104,8 @@ def test_refusals_one_line_exit_2_nothing_written(tmp_path, capsys):
     for extra, needle in cases:
         rc, out = _diff(tmp_path, *extra)
         err = capsys.readouterr().err
-        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        lines = [x for x in err.splitlines() if "divscope" in x or "Traceback" in x]
+        assert rc == 2 and needle in err and len(lines) == 1, err
         assert not out.exists()
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from divscope.divergence.fused import js_and_kls_from_logits
+from divscope.divergence.fused import js_and_kls_sums_from_logits
 from divscope.models.hybrid import Stack, blocks, final_norm, record_stack, run_blocks, triangle
 from divscope.models.teacher_force import fp32_logits, output_head, pad_right
 
@@ -105,16 +105,21 @@ def _at(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def kl_sums(ref: torch.Tensor, ends_ref: Ends, hybrids: torch.Tensor, ends_top: Ends) -> np.ndarray:
     """Sums over positions of KL(P_ref || P_M) for every hybrid M: ``ref`` ``(N, H)`` and
-    ``hybrids`` ``(n, N, H)`` last residual states; returns ``(n,)`` float64."""
-    n, n_pos = hybrids.shape[:2]
+    ``hybrids`` ``(n, N, H)`` last residual states; returns ``(n,)`` float64. About
+    :data:`HEAD_ROWS` rows per output projection (several hybrids at once when N is small),
+    the reference's logits computed once per position chunk and broadcast over hybrids."""
+    n, n_pos, width = hybrids.shape
     out = torch.zeros(n, dtype=torch.float64)
     vocab = ends_top.head[0].shape[0]
-    buf = torch.empty(min(HEAD_ROWS, max(n_pos, 1)) * vocab, device=hybrids.device)
-    for t0 in range(0, n_pos, HEAD_ROWS):
-        xa = ends_ref.logits(ref[t0 : t0 + HEAD_ROWS])
-        for k in range(n):
-            xm = ends_top.logits(hybrids[k, t0 : t0 + HEAD_ROWS], buf)
-            out[k] += js_and_kls_from_logits(xa, xm)[1].double().sum().cpu()
+    step = min(HEAD_ROWS, max(n_pos, 1))
+    group = max(1, HEAD_ROWS // step)
+    buf = torch.empty(group * step * vocab, device=hybrids.device)
+    for t0 in range(0, n_pos, step):
+        xa = ends_ref.logits(ref[t0 : t0 + step])[None]  # (1, t, V)
+        for k0 in range(0, n, group):
+            h = hybrids[k0 : k0 + group, t0 : t0 + step]
+            xm = ends_top.logits(h.reshape(-1, width), buf).view(h.shape[0], -1, vocab)
+            out[k0 : k0 + group] += js_and_kls_sums_from_logits(xa, xm)[1].cpu()
     return out.numpy()
 
 
@@ -131,7 +136,7 @@ def _drift(sa: Stack, sb: Stack, floor: list[torch.Tensor], rows: torch.Tensor) 
         deltas.append(d.sum(1))
     (d2, cos), (f2, fcos) = rows_out
     drift = torch.stack([d2, (ha * ha).sum((1, 2)), cos, f2, fcos])
-    return drift.numpy(), torch.stack(deltas).numpy()
+    return drift.cpu().numpy(), torch.stack(deltas).cpu().numpy()
 
 
 def _floor_states(model: torch.nn.Module, prompt: list[int], batch: list[list[int]]) -> list:

@@ -28,18 +28,18 @@ from divscope.diff.layers import (
     layers_on,
     readout_on,
 )
-from divscope.diff.layers_summary import (
-    N_LEADING,
-    leading_blocks,
-    summarize,
-)
+from divscope.diff.layers_summary import leading_blocks, summarize
 from divscope.execution.executors import Pool
 from divscope.runmeta import content_hash
 
 FORMAT = 1  # bump when a unit's meaning changes (old cache entries are then not used)
-N_RANDOM = 10  # random directions per leading block in the causal check
+N_RANDOM = 10  # random directions per checked block in the causal check (p-value >= 1/11)
+N_CAUSAL = 2  # leading blocks that get the causal check (each costs 11 x the blocks above it)
 ARCH_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
              "num_attention_heads", "num_key_value_heads", "vocab_size")  # fmt: skip
+
+
+DROP = "drop --layers (kl_demo: LAYERS = False)"
 
 
 def _refuse(msg: str) -> None:
@@ -53,18 +53,18 @@ def check_layers(setup: Any) -> None:
     ident = [{k: v for k, v in c.identity().items() if k != "system"} for c in (a, b)]
     if ident[0] == ident[1] or _same_weights(setup.models["a"], setup.models["b"]):
         _refuse(f"{a.label} and {b.label} share all weights: the difference lies in the "
-                "system prompt, not in any block. Fix: drop --layers")  # fmt: skip
+                "system prompt, not in any block. Fix: " + DROP)  # fmt: skip
     if a.system != b.system:
         _refuse("the two sides have different system prompts, so no hybrid network has one "
-                "input. Fix: give both the same system prompt, or drop --layers")  # fmt: skip
+                "input. Fix: give both the same system prompt, or " + DROP)  # fmt: skip
     if not setup.same_tokenizer:
-        _refuse(f"{a.label} and {b.label} have different tokenizers. Fix: drop --layers")
+        _refuse(f"{a.label} and {b.label} have different tokenizers. Fix: " + DROP)
     ca, cb = setup.models["a"].config, setup.models["b"].config
     for key in ARCH_KEYS:
         if getattr(ca, key, None) != getattr(cb, key, None):
             _refuse(f"{a.label} and {b.label} differ in architecture ({key}: "
                     f"{getattr(ca, key, None)} vs {getattr(cb, key, None)}). Fix: compare a "
-                    "model with its own fine-tune, adapter or dtype, or drop --layers")  # fmt: skip
+                    "model with its own fine-tune, adapter or dtype, or " + DROP)  # fmt: skip
     _check_runnable(setup.models["a"])
 
 
@@ -218,7 +218,7 @@ def layer_analysis(
     readout = next(iter(pool.map(readout_on, [(0, deltas)])))[1]
     dirs = None
     if causal:
-        blocks = leading_blocks(units, deltas, N_LEADING)
+        blocks = leading_blocks(units, deltas, N_CAUSAL)
         if blocks:
             directions = random_directions(deltas, blocks, seed)
             sums = direction_units(setup, responses, pool, (blocks, directions),
