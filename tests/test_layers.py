@@ -89,7 +89,8 @@ def states64(model, prompt, responses):
     for r in responses:
         got = []
         hooks = [
-            blk.register_forward_hook(lambda _m, _a, o, got=got: got.append(o)) for blk in m.model.layers
+            blk.register_forward_hook(lambda _m, _a, o, got=got: got.append(o))
+            for blk in m.model.layers
         ]
         with torch.no_grad():
             m(torch.tensor([prompt + r]))
@@ -139,7 +140,9 @@ def test_directions_and_read_out_against_float64_brute_force():
             want = 0.0
             for r in responses:
                 hb = []
-                hk = b64.model.layers[layer].register_forward_hook(lambda _m, _a, o, hb=hb: hb.append(o))
+                hk = b64.model.layers[layer].register_forward_hook(
+                    lambda _m, _a, o, hb=hb: hb.append(o)
+                )
                 logprobs64(b64, prompt, r)
                 hk.remove()
 

@@ -154,3 +154,25 @@ def test_pirate_layers_contract_and_agreement(pirate_layers):
     again = run()
     assert again.metadata["timings_s"]["layers"] < result.metadata["timings_s"]["layers"]
     assert again.layers["layers"] == result.layers["layers"]
+
+
+def test_report_on_a_diff_folder_shows_summary_what_changed_and_layers(pirate_layers):
+    """``divscope report`` on a diff folder: the dataset summary (summary.json), the "what
+    changed" tables (what_changed.json) and the layers section with its figure."""
+    from matplotlib.figure import Figure
+
+    from divscope.report.layer_plots import layer_fractions
+
+    result, out, _ = pirate_layers
+    assert main(["report", str(out), "--out", str(out / "r.html")]) == 0
+    page = (out / "r.html").read_text()
+    for needle in ("Dataset summary", "kl_mean", "What changed", "raised in B",
+                   "Where inside the model", result.layers["sentences"][0][:14]):  # fmt: skip
+        assert needle in page, needle
+    assert page.count("data:image/png") >= 4
+    fig = layer_fractions(result.layers)
+    assert isinstance(fig, Figure) and "embeddings" in fig.axes[0].get_title()
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots()
+    assert layer_fractions(result.layers, ax=ax) is ax.figure
