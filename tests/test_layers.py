@@ -269,3 +269,16 @@ def test_planted_direction_is_named_and_causal(sign):
     assert rec[1]["random_fraction_mean"] < 0.1 and rec[1]["random_fraction_max"] < 0.3
     assert rec[1]["direction_p"] == pytest.approx(1 / 11)
     assert "block 1 carries 1.00" in doc["sentences"][0]
+
+
+def test_a_dtype_variant_runs_mixed_hybrids():
+    """fp32 A against its bf16 copy: the hybrids mix dtypes (each block in its model's dtype),
+    the walks end where they must (all of A: 0 would be the next hybrid; all of B: KL(A||B))
+    and every part carries some of the rounding."""
+    a = tiny(0)
+    b = copy.deepcopy(a).to(torch.bfloat16)
+    got = score_layers(a, b, PROMPTS[0], RESPONSES[0])
+    assert got.kl_total > 0 and np.isfinite(got.forward).all()
+    cf, cr, total = contributions([got])
+    assert cf.sum() == pytest.approx(total[0]) and cr.sum() == pytest.approx(total[0])
+    assert (got.drift[0] > 0).all() and not got.drift[3].any()
