@@ -215,7 +215,7 @@ def layer_analysis(
     units = layer_units(setup, responses, pool, progress=progress, label=label)
     n_pos = sum(u.n_positions for u in units.values())
     deltas = np.sum([u.delta[0] for u in units.values()], 0) / max(n_pos, 1)
-    readout = next(iter(pool.map(readout_on, [(0, deltas)])))[1]
+    readout = dict(pool.map(readout_on, [(0, deltas)]))[0]
     dirs = None
     if causal:
         blocks = leading_blocks(units, deltas, N_CAUSAL)
