@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_diff import PAIR, workload
-from benchmarks.bench_teacher_force import matmul_peak, non_embedding_params
+from benchmarks.bench_teacher_force import layer_flops, matmul_peak
 from benchmarks.common import PeakRSS, machine_info, write_result
 from divscope.diff.conditions import load_condition, parse_spec
 from divscope.diff.layers import score_layers
@@ -46,22 +46,6 @@ def layers(model_a, model_b, pairs):
 
 def plain(model_a, model_b, pairs):
     return [score_prompt_pair(model_a, model_b, p) for p in pairs]
-
-
-def layer_flops(model, pairs) -> float:
-    """FLOPs the decomposition needs (see the module doc)."""
-    n = model.config.num_hidden_layers
-    per_block = non_embedding_params(model) / n
-    head = model.get_output_embeddings().weight
-    total = 0.0
-    for p in pairs:
-        rs = p.responses["a"]
-        tokens = sum(len(p.prompt_a) + len(r) for r in rs)
-        scored = sum(len(r) for r in rs)
-        block_evals = 3 * n + 2 * n * (n + 1) // 2
-        total += 2 * per_block * tokens * block_evals
-        total += 2 * head.shape[0] * head.shape[1] * scored * (2 + 2 * (n + 1))
-    return total
 
 
 def timed(fn, *args):

@@ -341,3 +341,21 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     r = main()
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, list | dict)}, indent=2))
+
+
+def layer_flops(model: torch.nn.Module, pairs: list) -> float:
+    """FLOPs ``divscope diff --layers`` needs on A's samples of ``pairs`` (``PromptPair``):
+    2 x block parameters x tokens for 2 own stacks, the floor's stack and 2 x L(L+1)/2 hybrid
+    blocks; 2 x hidden x vocab per scored position for 2 + 2(L + 1) heads."""
+    n = model.config.num_hidden_layers
+    per_block = non_embedding_params(model) / n
+    head = model.get_output_embeddings().weight
+    total = 0.0
+    for p in pairs:
+        rs = p.responses["a"]
+        tokens = sum(len(p.prompt_a) + len(r) for r in rs)
+        scored = sum(len(r) for r in rs)
+        block_evals = 3 * n + 2 * n * (n + 1) // 2
+        total += 2 * per_block * tokens * block_evals
+        total += 2 * head.shape[0] * head.shape[1] * scored * (2 + 2 * (n + 1))
+    return total

@@ -607,18 +607,18 @@ def section_generate(run: Run) -> dict[str, Any]:
 
 
 def layers_entry(module: Any) -> Callable[..., float] | None:
-    """The ``--layers`` decomposition's entry point in ``divscope.diff.layers``, or None.
+    """``(model_a, model_b, pairs) -> FLOPs``: ``module.score_layers`` (the ``--layers`` unit,
+    on A's samples) on every pair, and the FLOPs of the block evaluations and heads it ran
+    (:func:`benchmarks.bench_teacher_force.layer_flops`, the count behind bench_layers'
+    ``layers_fraction_of_matmul_peak``)."""
+    from benchmarks.bench_teacher_force import layer_flops
 
-    TODO(issue 24, at merge): return a function ``(model_a, model_b, pairs: list[PromptPair])
-    -> FLOPs`` that runs the decomposition on every pair and returns the FLOPs of the block
-    evaluations it actually ran. On branch i24 (commit 55c8a50) the unit is
-    ``module.score_layers(model_a, model_b, prompt, responses)`` (A's samples:
-    ``pair.prompt_a, pair.responses["a"]``), and the FLOP count should be the one behind that
-    issue's ``layers_fraction_of_matmul_peak`` benchmark (one implementation of each idea).
-    :func:`section_layers` then times it and reports ``gpu_layers_mfu``; nothing else here
-    changes.
-    """
-    return None
+    def run(model_a: Any, model_b: Any, pairs: list[PromptPair]) -> float:
+        for p in pairs:
+            module.score_layers(model_a, model_b, p.prompt_a, p.responses["a"])
+        return layer_flops(model_a, pairs)
+
+    return run
 
 
 def section_layers(run: Run) -> dict[str, Any]:

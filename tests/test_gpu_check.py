@@ -124,10 +124,8 @@ def test_tiny_run_figures_are_plausible(tiny_run):
     assert r["sections"]["persona"]["all_finite"] and r["sections"]["diff"]["all_finite"]
     assert set(r["sections"]["diff"]["fused_compiled"]) >= {"_position_terms_logits"}
     layers = r["sections"]["layers"]
-    if r["gpu_layers_mfu"] is None:  # not wired yet (issue 24): says why
-        assert "divscope.diff.layers" in layers["reason"]
-    else:
-        assert 0 < r["gpu_layers_mfu"] < 1.5
+    assert 0 < r["gpu_layers_mfu"] < 1.5, layers.get("reason") or layers.get("error")
+    assert layers["n_layers"] >= 1 and layers["cost_ratio_vs_plain_diff"] > 0
 
 
 def test_tiny_run_imports_only_what_the_image_has(tiny_run):
