@@ -14,8 +14,9 @@ their mean without suffix):
 * ``legacy_aligned`` — the older position-aligned heuristic (not a divergence).
 
 Uncertainty over responses: ``mc_kl`` and the top-k bounds are ratio estimators (summed terms
-over summed tokens), with delta-method t-intervals (:mod:`divscope.estimators.intervals`:
-honest coverage at 4-16 responses, where a percentile bootstrap covered 76-88%);
+over summed tokens), with t-intervals on the jackknife (leave-one-response-out) standard error,
+clipped to the quantity's range (:mod:`divscope.estimators.intervals`; coverage measured in
+benchmarks/bench_intervals.py, where a percentile bootstrap covered 76-88%);
 ``legacy_aligned``, a mean over response pairs, keeps a percentile bootstrap, each model's
 responses resampled independently.
 """
@@ -30,7 +31,7 @@ import numpy as np
 
 from divscope.estimators.bounds import topk_bounds_columns
 from divscope.estimators.intervals import Estimate, average, ratio_estimate, t_interval
-from divscope.estimators.topk import Padded, legacy_matrix, mc_kl_terms, positions_last
+from divscope.estimators.topk import LN2, Padded, legacy_matrix, mc_kl_terms, positions_last
 from divscope.samples.errors import SampleFileError
 from divscope.samples.read import check_same_prompts
 from divscope.samples.records import PromptSamples, Response, SampleSet
@@ -44,8 +45,9 @@ LEGACY_NOTE = (
     "of different responses (different contexts) and can be negative"
 )
 CI_METHOD = (
-    "t-interval over responses (delta method for the ratio estimators mc_kl and the top-k "
-    "bounds); legacy_aligned: percentile bootstrap"
+    "t-interval over responses (jackknife standard error for the ratio estimators mc_kl and "
+    "the top-k bounds, clipped to [0, inf), JS to [0, ln 2]); legacy_aligned: percentile "
+    "bootstrap"
 )
 NO_CROSS_NOTE = (
     "these files carry no cross-scores, so no honest KL estimate exists; legacy_aligned is the "
@@ -273,11 +275,21 @@ def score_prompt(
             estimates[name] = average(estimates[name + "_ab"], estimates[name + "_ba"])
     for name, e in estimates.items():
         ps.scores[name] = e.value
-        ps.ci[name] = t_interval(e, ci_level)
+        ps.ci[name] = t_interval(e, ci_level, metric_range(name))
     _legacy_metrics(ps, boots, ua, ub, ia, ib)
     if boots:
         ps.ci |= percentile_cis(boots, ci_level, n_bootstrap, min(na, nb))
     return ps
+
+
+def metric_range(name: str) -> tuple[float | None, float | None]:
+    """Where a metric's true value lies: ``[0, ln 2]`` for JS, ``[0, inf)`` for the other
+    divergences, unbounded for the legacy heuristic (its intervals are clipped to this)."""
+    if name.startswith("legacy"):
+        return None, None
+    if "js" in name:
+        return 0.0, LN2
+    return 0.0, None
 
 
 def _prompt_score(ra: PromptSamples, rb: PromptSamples) -> PromptScore:
