@@ -157,3 +157,35 @@ def test_rank_prompts_uses_these_intervals(tmp_path):
         half = stats.t.ppf(0.975, k - 1) * se
         np.testing.assert_allclose(p.scores["mc_kl_ab"], r, rtol=1e-12)
         np.testing.assert_allclose(p.ci["mc_kl_ab"], [max(r - half, 0.0), r + half], rtol=1e-9)
+
+
+def test_diff_intervals_never_below_zero_at_two_samples():
+    """`divscope diff` printed `kl 0.4608 [-0.3376, 1.259]` at 2 samples: its per-prompt
+    intervals are clipped to each quantity's range now, point estimates unchanged."""
+    from divscope.diff.aggregate import METRICS, prompt_score
+    from divscope.diff.score import PairScores, SideScores
+
+    def side(kl_ab, kl_ba, js, lp_a, lp_b):
+        n = len(kl_ab)
+        f = np.float32
+        return SideScores(
+            lengths=np.array([n // 2, n - n // 2]),
+            kl_ab=np.array(kl_ab, f), kl_ba=np.array(kl_ba, f), js=np.array(js, f),
+            agree=np.ones(n, bool), lp_a=np.array(lp_a, f), lp_b=np.array(lp_b, f),
+            top_ids_a=np.zeros((n, 1), np.int32), top_lp_a=np.zeros((n, 1), f),
+            top_ids_b=np.zeros((n, 1), np.int32), top_lp_b=np.zeros((n, 1), f),
+        )  # fmt: skip
+
+    a = side([0.05, 0.05, 0.9, 0.9], [0.1, 0.1, 0.8, 0.8], [0.01, 0.01, 0.6, 0.6],
+             [-1.0, -1.0, -0.1, -0.1], [-1.2, -1.2, -2.0, -2.0])  # fmt: skip
+    b = side([0.05, 0.05, 0.9, 0.9], [0.02, 0.02, 0.9, 0.9], [0.01, 0.01, 0.62, 0.62],
+             [-1.0, -1.0, -0.5, -0.5], [-0.9, -0.9, -0.2, -0.2])  # fmt: skip
+    ps = prompt_score(0, "p", None, PairScores({"a": a, "b": b}, np.zeros((3, 1)), 8),
+                      ci_level=0.95)  # fmt: skip
+    assert ps.scores["kl_ab"] == pytest.approx(0.475)  # the plain mean, not clipped
+    for m in METRICS:
+        lo, hi = ps.ci[m]
+        assert lo >= 0 and lo <= max(ps.scores[m], 0) <= hi, (m, lo, hi)
+        if m.startswith("js"):
+            assert hi <= math.log(2)
+    assert ps.ci["kl_ab"][0] == 0.0  # it was negative before
