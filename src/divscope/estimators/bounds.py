@@ -332,14 +332,22 @@ def boundary_ratio(
     return np.clip(r, lo, hi)
 
 
-def capped_lower(kind: _Kind, pos: _Position, slacked: bool) -> np.ndarray:
-    """The capped minimum of ``kind`` at every position (module doc), minus the slack."""
+def p_ratio(pos: _Position) -> np.ndarray:
+    """``ln r_P`` of P's unconstrained maximum (the same for JS and KL)."""
+    return _log_ratio(absorb_ratio(pos.q_b, pos.cap_p, pos.p_rest))
+
+
+def capped_lower(
+    kind: _Kind, pos: _Position, slacked: bool, x0: np.ndarray | None = None
+) -> np.ndarray:
+    """The capped minimum of ``kind`` at every position (module doc), minus the slack;
+    ``x0`` is :func:`p_ratio` when the caller has it."""
     q_rest = pos.q_rest
     if kind is KL:  # KL only falls as Q's unknown mass grows: raise it by its float32 error
         if slacked:
             q_rest = q_rest + _rounding_mass(pos)
         q_rest = np.maximum(q_rest, TAIL_FLOOR)
-    x0 = _log_ratio(absorb_ratio(pos.q_b, pos.cap_p, pos.p_rest))
+    x0 = p_ratio(pos) if x0 is None else x0
     y0 = _log_ratio(absorb_ratio(pos.p_a, pos.cap_q, q_rest))
     inside = x0 + y0 <= 0
     x, y = x0.copy(), y0.copy()
@@ -403,8 +411,9 @@ def topk_bounds_columns(
     missing = np.isnan(np.asarray(p_lps[0], dtype=np.float64)) | np.isnan(
         np.asarray(q_lps[0], dtype=np.float64)
     )
-    kl_lb = capped_lower(KL, pos, slacked)
-    js_lb = capped_lower(JS, pos, slacked)
+    x0 = p_ratio(pos)
+    kl_lb = capped_lower(KL, pos, slacked, x0)
+    js_lb = capped_lower(JS, pos, slacked, x0)
     js_ub = js_upper(pos, slacked)
     nan = np.nan
     return TopkBounds(
