@@ -306,7 +306,7 @@ def test_real_openrouter_top5_lists_evaluate_without_violations():
     listed one where it is on Q's list, else one below Q's smallest (a consistent value).
     Real float32-rounded lists, some summing past 1: the bounds are finite and ordered."""
     a, b = load_pair(GEMMA_JSON, PKL)
-    checked = over_one = 0
+    checked = over_one = informative = 0
     for ra, rb in zip(a.records, b.records, strict=True):
         for x, y in zip(ra.usable, rb.usable, strict=False):
             p, q = x.scores, y.scores
@@ -324,13 +324,28 @@ def test_real_openrouter_top5_lists_evaluate_without_violations():
             q_lps = np.concatenate([q_lp[None], q.top_logprobs[keep].T])
             bd = topk_bounds_columns(p_ids, p_lps, q_ids, q_lps)
             over_one += int((np.exp(p_lps[1:]).sum(0) > 1).sum())
+            informative += int((bd.js_ub < LN2 - 1e-9).sum())
             assert np.isfinite(bd.js_ub).all() and np.isfinite(bd.js_lb).all()
             assert np.isfinite(bd.kl_lb).all()
             assert (bd.js_lb >= 0).all() and (bd.js_lb <= bd.js_ub).all()
             assert (bd.js_ub <= LN2).all() and (bd.kl_lb >= 0).all()
             checked += len(keep)
     assert checked > 500 and over_one > 0, (checked, over_one)
+    assert informative > 0.9 * checked  # few positions repeat a string on a list
     assert p.top_ids.shape[1] == 5
+
+
+def test_a_repeated_string_gets_the_trivial_interval():
+    """Two token ids that decode alike: Q's list names "b" twice, so its pairs are not single
+    tokens' (the second "b" could hold more than the cap allows an unlisted token)."""
+    ids_p = np.array([[0], [0], [1]])
+    lps_p = np.log(np.array([[0.5], [0.5], [0.3]]))
+    ids_q = np.array([[0], [1], [1]])  # "b" twice on Q's list
+    lps_q = np.log(np.array([[0.2], [0.4], [0.3]]))
+    b = topk_bounds_columns(ids_p, lps_p, ids_q, lps_q)
+    assert b.js_lb[0] == 0 and b.js_ub[0] == pytest.approx(LN2) and b.kl_lb[0] == 0
+    ok = topk_bounds_columns(ids_p, lps_p, np.array([[0], [1], [2]]), lps_q)
+    assert ok.js_lb[0] > 0 and ok.js_ub[0] < LN2  # the same lists with distinct strings
 
 
 def test_topk_bounds_of_one_response_match_the_columns():

@@ -61,6 +61,12 @@ chosen multipliers (second-order terms are ``O(eta^2)``): at most a few 1e-4 nat
 where Q lists almost all its mass (KL's multiplier is then large) a few 1e-3 for KL.
 Listed probabilities that sum to slightly more than 1 then never produce a violation.
 
+**Token identity** is the token string (the interned id). Where a top-k list names one string
+twice (two token ids that decode alike, as API lists of byte pieces can), the pairs and caps
+above are not those of single tokens, so such positions get the trivial interval: JS in
+``[0, ln 2]``, KL at least 0 (:func:`repeated_strings` finds them; files written by
+``divscope diff`` make every string unique).
+
 All inputs are natural-log probabilities; -inf means probability 0.
 """
 
@@ -391,6 +397,13 @@ def _sensitivity(kind: _Kind, pos: _Position, d: _Dual) -> np.ndarray:
 # ---------------------------------------------------------------------------- entry points
 
 
+def repeated_strings(ids: np.ndarray) -> np.ndarray:
+    """``(T,)``: whether a position's top-k list (rows 1: of ``(1 + K, T)`` ids) names one
+    token string twice."""
+    top = ids[1:]
+    return ((top >= 0) & (_dedupe(top) < 0)).any(0)
+
+
 def topk_bounds_columns(
     p_ids: np.ndarray,
     p_lps: np.ndarray,
@@ -415,11 +428,12 @@ def topk_bounds_columns(
     kl_lb = capped_lower(KL, pos, slacked, x0)
     js_lb = capped_lower(JS, pos, slacked, x0)
     js_ub = js_upper(pos, slacked)
+    trivial = repeated_strings(np.asarray(p_ids)) | repeated_strings(np.asarray(q_ids))
     nan = np.nan
     return TopkBounds(
-        kl_lb=np.where(missing, nan, kl_lb),
-        js_lb=np.where(missing, nan, js_lb),
-        js_ub=np.where(missing, nan, js_ub),
+        kl_lb=np.where(missing, nan, np.where(trivial, 0.0, kl_lb)),
+        js_lb=np.where(missing, nan, np.where(trivial, 0.0, js_lb)),
+        js_ub=np.where(missing, nan, np.where(trivial, LN2, js_ub)),
     )
 
 
