@@ -21,6 +21,7 @@ BENCHES = (
         "teacher_force_bfloat16.json",
     ),
     ("ranking", "bench_ranking", [], "ranking.json"),
+    ("intervals", "bench_intervals", [], "intervals.json"),
     ("diff", "bench_diff", [], "diff.json"),
     ("layers", "bench_layers", [], "layers.json"),
     ("losses", "bench_losses", [], "losses_memory.json"),

@@ -203,6 +203,59 @@ def test_written_samples_rank_and_bound_the_exact_values(pirate_run):
     assert n > 20
 
 
+def _exact_from_files(out: Path) -> dict[str, list[dict]]:
+    """The written sample files' records, each response with its exact per-position values."""
+    return {s: [json.loads(x) for x in (out / f"samples_{s}.jsonl").read_text().splitlines()]
+            for s in "ab"}  # fmt: skip
+
+
+# The files' exact values are float32 numbers from a float32 forward pass (the teacher
+# forcing's own rounding, not the bounds'): compared with this much room.
+EXACT_ROOM = (1e-6, 1e-4)
+
+
+@needs_smol
+def test_certified_bounds_contain_the_exact_values_of_the_written_files(pirate_run, capsys):
+    """At every position of both sides' sample files: capped KL and JS lower bounds <= the
+    exact values stored beside them <= the JS upper bound; and `divscope rank` on the files
+    shows [lower, upper] for JS with each prompt's exact JS rate inside."""
+    from divscope.estimators.bounds import topk_bounds
+    from divscope.report.tables import fmt_ci
+    from divscope.samples import load_pair
+
+    _, out, _ = pirate_run
+    a, b = load_pair(out / "samples_a.jsonl", out / "samples_b.jsonl")
+    raw = _exact_from_files(out)
+    abs_room, rel_room = EXACT_ROOM
+    n, exact_rate = 0, {}
+    for side, own, other in (("a", a, b), ("b", b, a)):
+        kl_name = "kl_ab" if side == "a" else "kl_ba"
+        for rec, raw_rec in zip(own.records, raw[side], strict=True):
+            js_sum = cnt = 0.0
+            for resp, raw_resp in zip(rec.usable, raw_rec["responses"], strict=True):
+                bd = topk_bounds(resp.scores, resp.cross[other.model].scores)
+                kl, js = (np.array(raw_resp["exact"][k]) for k in (kl_name, "js"))
+                assert (bd.kl_lb <= kl + abs_room + rel_room * kl).all()
+                assert (bd.js_lb <= js + abs_room + rel_room * js).all()
+                assert (bd.js_ub >= js - abs_room - rel_room * js).all()
+                assert (bd.js_ub - bd.js_lb).max() > 1e-3  # a real interval, not a point
+                js_sum, cnt, n = js_sum + js.sum(), cnt + len(js), n + len(js)
+            exact_rate.setdefault(rec.index, []).append(js_sum / cnt)
+    assert n > 40
+    doc_path = out.parent / "rank_bounds.json"
+    assert main(["rank", str(out / "samples_a.jsonl"), str(out / "samples_b.jsonl"),
+                 "--json", str(doc_path), "--overwrite"]) == 0  # fmt: skip
+    doc = json.loads(doc_path.read_text())
+    printed = capsys.readouterr().out
+    assert "JS [lower, upper]" in printed and "JS intervals" in printed
+    for p in doc["prompts"]:
+        lb, ub = p["scores"]["topk_js_lb"], p["scores"]["topk_js_ub"]
+        assert fmt_ci([lb, ub]) in printed
+        truth = float(np.mean(exact_rate[p["index"]]))  # the mean of both sides' rates
+        assert lb - 1e-6 <= truth <= ub + 1e-6, (p["index"], lb, truth, ub)
+    assert doc["js_intervals"]["top_n"] == len(doc["prompts"])
+
+
 @needs_smol
 def test_rerun_is_served_from_the_cache(pirate_run):
     result, _, cache = pirate_run

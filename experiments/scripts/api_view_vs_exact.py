@@ -2,9 +2,10 @@
 
 Runs ``divscope diff`` on a pair (default: the shipped base vs pirate-LoRA pair, all 72 prompts,
 4 samples per side, 48 tokens), then reads the sample files it wrote, as any API consumer
-would, and compares at every scored position the top-k lower bounds (``topk_kl_lb``,
-``topk_js_lb``: everything outside the tokens known on both sides merged into one bucket)
-with the exact values stored beside them, and the per-prompt ``mc_kl`` of ``divscope rank``
+would, and compares at every scored position the top-k bounds with the exact values stored
+beside them: the older tail-bucket lower bounds (everything outside the tokens known on both
+sides merged into one bucket), the capped lower bounds ``topk_kl_lb``, ``topk_js_lb`` and the
+JS upper bound ``topk_js_ub`` (:mod:`divscope.estimators.bounds`), and the per-prompt ``mc_kl`` of ``divscope rank``
 with the exact ``kl``. Prints one JSON document.
 
     python experiments/scripts/api_view_vs_exact.py [--b SPEC] [--prompts N] [--out DIR]
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from divscope.cli import main as cli
+from divscope.estimators.bounds import topk_bounds
 from divscope.estimators.ranking import rank_prompts
 from divscope.estimators.topk import coarse_bounds
 from divscope.samples import load_pair
@@ -34,12 +36,18 @@ def compare(out: Path) -> dict:
     }
     ratios: dict[str, list[float]] = {"kl": [], "js": []}
     sums = {"kl_lb": 0.0, "kl": 0.0, "js_lb": 0.0, "js": 0.0}
+    sums |= {"kl_capped": 0.0, "js_capped": 0.0, "js_ub": 0.0, "positions": 0}
     for side, (own, other) in (("a", (a, b)), ("b", (b, a))):
         name = "kl_ab" if side == "a" else "kl_ba"
         for rec, raw_rec in zip(own.records, raw[side], strict=True):
             p_kl = p_lb = p_js = p_jlb = 0.0
             for resp, raw_resp in zip(rec.usable, raw_rec["responses"], strict=True):
                 kl_lb, js_lb = coarse_bounds(resp.scores, resp.cross[other.model].scores)
+                capped = topk_bounds(resp.scores, resp.cross[other.model].scores)
+                sums["kl_capped"] += float(np.nansum(capped.kl_lb))
+                sums["js_capped"] += float(np.nansum(capped.js_lb))
+                sums["js_ub"] += float(np.nansum(capped.js_ub))
+                sums["positions"] += len(capped.js_ub)
                 exact = raw_resp["exact"]
                 p_lb += float(np.nansum(kl_lb))
                 p_kl += float(np.sum(exact[name]))
@@ -62,8 +70,14 @@ def compare(out: Path) -> dict:
         "pair": ranking["models"],
         "prompts": len(idx),
         "overall_share_of_exact": {
-            "topk_kl_lb": sums["kl_lb"] / sums["kl"],
-            "topk_js_lb": sums["js_lb"] / sums["js"],
+            "tail_bucket_kl_lb": sums["kl_lb"] / sums["kl"],
+            "tail_bucket_js_lb": sums["js_lb"] / sums["js"],
+            "topk_kl_lb": sums["kl_capped"] / sums["kl"],
+            "topk_js_lb": sums["js_capped"] / sums["js"],
+            "topk_js_ub": sums["js_ub"] / sums["js"],
+        },
+        "mean_per_position_nats": {
+            k: sums[k] / sums["positions"] for k in ("js_lb", "js_capped", "js", "js_ub")
         },
         "per_prompt_share_of_exact": {
             k: {q: float(np.percentile(v, q)) for q in (0, 10, 50, 90, 100)}

@@ -12,7 +12,8 @@ with KL(A||B), B's with KL(B||A)):
   ``mc_kl_ba``, ``mc_kl`` likewise.
 
 CIs are t-intervals over responses (:mod:`divscope.estimators.intervals`; the two sides'
-estimates are independent, Welch-Satterthwaite degrees of freedom for their mean).
+estimates are independent, Welch-Satterthwaite degrees of freedom for their mean), clipped to
+each quantity's range: ``[0, inf)`` for KL and ``mc_kl``, ``[0, ln 2]`` for JS.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from divscope.estimators.intervals import (
     ratio_estimate,
     t_interval,
 )
-from divscope.estimators.ranking import PromptScore, assign_ranks
+from divscope.estimators.ranking import PromptScore, assign_ranks, metric_range
 
 METRICS = ("kl", "kl_ab", "kl_ba", "js", "js_ab", "js_ba", "mc_kl", "mc_kl_ab", "mc_kl_ba")
 UNITS = {m: "nats/token" for m in METRICS}
@@ -44,7 +45,10 @@ def response_rates(side: SideScores, name: str) -> np.ndarray:
     return sums / side.lengths
 
 
-CI_METHOD = "t-interval over responses (Welch-Satterthwaite for the mean of both sides)"
+CI_METHOD = (
+    "t-interval over responses (Welch-Satterthwaite for the mean of both sides), clipped to "
+    "[0, inf) (JS: [0, ln 2])"
+)
 
 
 def prompt_score(
@@ -70,7 +74,7 @@ def prompt_score(
         rank=None,
         reason=None,
         scores={m: estimates[m].value for m in METRICS},
-        ci={m: t_interval(estimates[m], ci_level) for m in METRICS},
+        ci={m: t_interval(estimates[m], ci_level, metric_range(m)) for m in METRICS},
         coverage={
             "n_tokens": [int(a.lengths.sum()), int(b.lengths.sum())],
             "same_top_rate": [float(a.agree.mean()), float(b.agree.mean())],
@@ -93,7 +97,7 @@ def clustered_mean(values: list[np.ndarray]) -> tuple[float, float | None]:
     """
     s = np.array([v.astype(np.float64).sum() for v in values])
     n = np.array([len(v) for v in values], dtype=np.float64)
-    e = ratio_estimate(s, n)
+    e = ratio_estimate(s, n, method="delta")
     return e.value, None if e.var is None else float(np.sqrt(e.var))
 
 

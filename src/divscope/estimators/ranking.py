@@ -5,13 +5,18 @@ their mean without suffix):
 
 * ``mc_kl`` — Monte Carlo KL rate, needs cross-scores. nats/token for a shared tokenizer,
   nats/byte otherwise (sequence log-probabilities of the same text).
-* ``topk_kl_lb``, ``topk_js_lb`` — coarse-grained lower bounds, need aligned cross-scores
-  with top-k. nats/position.
+* ``topk_kl_lb``, ``topk_js_lb`` — lower bounds, ``topk_js_ub`` — the JS upper bound: certified
+  per position from the listed logprobs (:mod:`divscope.estimators.bounds`), need aligned
+  cross-scores with top-k. nats/position. On the sampled positions the exact JS rate lies in
+  ``[topk_js_lb, topk_js_ub]``; with their CIs, ``[lower end of topk_js_lb's CI, upper end of
+  topk_js_ub's]`` is an interval for the prompt's JS rate, and :func:`js_separation` says which
+  of the top prompts these intervals tell apart.
 * ``legacy_aligned`` — the older position-aligned heuristic (not a divergence).
 
 Uncertainty over responses: ``mc_kl`` and the top-k bounds are ratio estimators (summed terms
-over summed tokens), with delta-method t-intervals (:mod:`divscope.estimators.intervals`:
-honest coverage at 4-16 responses, where a percentile bootstrap covered 76-88%);
+over summed tokens), with t-intervals on the jackknife (leave-one-response-out) standard error,
+clipped to the quantity's range (:mod:`divscope.estimators.intervals`; coverage measured in
+benchmarks/bench_intervals.py, where a percentile bootstrap covered 76-88%);
 ``legacy_aligned``, a mean over response pairs, keeps a percentile bootstrap, each model's
 responses resampled independently.
 """
@@ -24,27 +29,25 @@ from typing import Any
 
 import numpy as np
 
+from divscope.estimators.bounds import topk_bounds_columns
 from divscope.estimators.intervals import Estimate, average, ratio_estimate, t_interval
-from divscope.estimators.topk import (
-    Padded,
-    coarse_bounds_columns,
-    legacy_matrix,
-    mc_kl_terms,
-    positions_last,
-)
+from divscope.estimators.topk import LN2, Padded, legacy_matrix, mc_kl_terms, positions_last
 from divscope.samples.errors import SampleFileError
 from divscope.samples.read import check_same_prompts
 from divscope.samples.records import PromptSamples, Response, SampleSet
 
-BASE_METRICS = ("mc_kl", "topk_kl_lb", "topk_js_lb", "legacy_aligned")
+BASE_METRICS = ("mc_kl", "topk_kl_lb", "topk_js_lb", "topk_js_ub", "legacy_aligned")
+TOPK_METRICS = ("topk_kl_lb", "topk_js_lb", "topk_js_ub")
+TOP_N_SEPARATION = 5
 ALL_METRICS = tuple(f"{m}{s}" for m in BASE_METRICS for s in ("", "_ab", "_ba"))
 LEGACY_NOTE = (
     "legacy_aligned is a heuristic, not a divergence: it compares tokens at the same position "
     "of different responses (different contexts) and can be negative"
 )
 CI_METHOD = (
-    "t-interval over responses (delta method for the ratio estimators mc_kl and the top-k "
-    "bounds); legacy_aligned: percentile bootstrap"
+    "t-interval over responses (jackknife standard error for the ratio estimators mc_kl and "
+    "the top-k bounds, clipped to [0, inf), JS to [0, ln 2]); legacy_aligned: percentile "
+    "bootstrap"
 )
 NO_CROSS_NOTE = (
     "these files carry no cross-scores, so no honest KL estimate exists; legacy_aligned is the "
@@ -84,6 +87,7 @@ class Ranking:
     n_bootstrap: int
     ci_level: float
     ci_method: str = CI_METHOD
+    js_intervals: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``divscope rank --json`` document."""
@@ -96,6 +100,7 @@ class Ranking:
             "notes": self.notes,
             "bootstrap": {"n": self.n_bootstrap, "ci_level": self.ci_level},
             "ci_method": self.ci_method,
+            "js_intervals": self.js_intervals,
             "prompts": [asdict(p) for p in self.prompts],
         }
 
@@ -135,22 +140,24 @@ class _Direction:
     mc_cnt: np.ndarray
     kl_sum: np.ndarray
     js_sum: np.ndarray
+    ub_sum: np.ndarray
     pos_cnt: np.ndarray
     missing_cross: int
 
 
 def coarse_sums(
     responses: list[Response], other: str, chunk: int = 2048
-) -> dict[int, tuple[float, float, int]]:
-    """Top-k KL and JS bound sums over each response's positions, for all responses at once.
+) -> dict[int, tuple[float, float, float, int]]:
+    """Top-k bound sums (KL lower, JS lower, JS upper) over each response's positions, for
+    all responses at once.
 
     Responses are processed in groups of about ``chunk`` positions, each laid out positions
-    last (what :func:`divscope.estimators.topk.coarse_bounds_columns` wants) straight from the responses'
-    arrays, so nothing of the size of the whole file is built.
+    last (what :func:`divscope.estimators.bounds.topk_bounds_columns` wants) straight from the
+    responses' arrays, so nothing of the size of the whole file is built.
 
     Returns:
-        ``id(response) -> (kl_sum, js_sum, positions)`` for responses with an aligned top-k
-        cross-score under ``other`` (positions missing a logprob drop out).
+        ``id(response) -> (kl_lb_sum, js_lb_sum, js_ub_sum, positions)`` for responses with an
+        aligned top-k cross-score under ``other`` (positions missing a logprob drop out).
     """
     todo = [
         r
@@ -160,7 +167,7 @@ def coarse_sums(
         and r.cross[other].scores.top_ids.shape[1]
         and r.scores.top_ids.shape[1]
     ]
-    out: dict[int, tuple[float, float, int]] = {}
+    out: dict[int, tuple[float, float, float, int]] = {}
     group: list[Response] = []
     size = 0
     for i, r in enumerate(todo):
@@ -172,14 +179,16 @@ def coarse_sums(
                 for s in ([g.scores for g in group], [g.cross[other].scores for g in group])
                 for x in positions_last(s)
             ]
-            kl, js = coarse_bounds_columns(*cols)
-            ok = ~np.isnan(kl)
+            bd = topk_bounds_columns(*cols)
+            ok = ~np.isnan(bd.kl_lb)
             starts = np.cumsum([0] + [len(g.scores) for g in group[:-1]])
-            kl_sum = np.add.reduceat(np.where(ok, kl, 0.0), starts)
-            js_sum = np.add.reduceat(np.where(ok, js, 0.0), starts)
+            sums = [
+                np.add.reduceat(np.where(ok, v, 0.0), starts)
+                for v in (bd.kl_lb, bd.js_lb, bd.js_ub)
+            ]
             cnt = np.add.reduceat(ok.astype(np.int64), starts)
-            for g, a, b, c in zip(group, kl_sum, js_sum, cnt, strict=True):
-                out[id(g)] = (float(a), float(b), int(c))
+            for g, a, b, u, c in zip(group, *sums, cnt, strict=True):
+                out[id(g)] = (float(a), float(b), float(u), int(c))
             group, size = [], 0
     return out
 
@@ -188,7 +197,7 @@ def _direction_terms(
     responses: list[Response],
     other: str,
     per_byte: bool,
-    coarse: dict[int, tuple[float, float, int]] | None = None,
+    coarse: dict[int, tuple[float, float, float, int]] | None = None,
 ) -> _Direction | None:
     if not responses or not all(other in r.cross for r in responses):
         return None
@@ -196,7 +205,7 @@ def _direction_terms(
         coarse = {}
     elif coarse is None:
         coarse = coarse_sums(responses, other)
-    mc_sum, mc_cnt, kl_sum, js_sum, pos_cnt = [], [], [], [], []
+    mc_sum, mc_cnt, kl_sum, js_sum, ub_sum, pos_cnt = [], [], [], [], [], []
     missing = 0
     for r in responses:
         c = r.cross[other]
@@ -204,12 +213,16 @@ def _direction_terms(
         missing += c.scores.n_missing
         mc_sum.append(s if n else 0.0)  # a response Q could not fully score drops out
         mc_cnt.append(n)
-        kl, js, cnt = coarse.get(id(r), (0.0, 0.0, 0))
+        kl, js, ub, cnt = coarse.get(id(r), (0.0, 0.0, 0.0, 0))
         kl_sum.append(kl)
         js_sum.append(js)
+        ub_sum.append(ub)
         pos_cnt.append(cnt)
     return _Direction(
-        *(np.asarray(v, dtype=np.float64) for v in (mc_sum, mc_cnt, kl_sum, js_sum, pos_cnt)),
+        *(
+            np.asarray(v, dtype=np.float64)
+            for v in (mc_sum, mc_cnt, kl_sum, js_sum, ub_sum, pos_cnt)
+        ),
         missing_cross=missing,
     )
 
@@ -235,7 +248,7 @@ def score_prompt(
     n_bootstrap: int,
     ci_level: float,
     rng: np.random.Generator,
-    coarse: dict[int, tuple[float, float, int]] | None = None,
+    coarse: dict[int, tuple[float, float, float, int]] | None = None,
 ) -> PromptScore:
     """Every available metric for one prompt, with CIs over responses (see the module doc).
 
@@ -257,16 +270,26 @@ def score_prompt(
         "_ba": _direction_terms(ub, model_a, per_byte, coarse),
     }
     estimates = _cross_metrics(ps, dirs, per_byte)
-    for name in ("mc_kl", "topk_kl_lb", "topk_js_lb"):
+    for name in ("mc_kl", *TOPK_METRICS):
         if name + "_ab" in estimates and name + "_ba" in estimates:
             estimates[name] = average(estimates[name + "_ab"], estimates[name + "_ba"])
     for name, e in estimates.items():
         ps.scores[name] = e.value
-        ps.ci[name] = t_interval(e, ci_level)
+        ps.ci[name] = t_interval(e, ci_level, metric_range(name))
     _legacy_metrics(ps, boots, ua, ub, ia, ib)
     if boots:
         ps.ci |= percentile_cis(boots, ci_level, n_bootstrap, min(na, nb))
     return ps
+
+
+def metric_range(name: str) -> tuple[float | None, float | None]:
+    """Where a metric's true value lies: ``[0, ln 2]`` for JS, ``[0, inf)`` for the other
+    divergences, unbounded for the legacy heuristic (its intervals are clipped to this)."""
+    if name.startswith("legacy"):
+        return None, None
+    if "js" in name:
+        return 0.0, LN2
+    return 0.0, None
 
 
 def _prompt_score(ra: PromptSamples, rb: PromptSamples) -> PromptScore:
@@ -305,6 +328,7 @@ def _cross_metrics(
             ("mc_kl", d.mc_sum, d.mc_cnt),
             ("topk_kl_lb", d.kl_sum, d.pos_cnt),
             ("topk_js_lb", d.js_sum, d.pos_cnt),
+            ("topk_js_ub", d.ub_sum, d.pos_cnt),
         ):
             e = ratio_estimate(s, n)
             if e is not None:
@@ -392,7 +416,7 @@ def available_metrics(a: SampleSet, b: SampleSet) -> list[str]:
     out += [m for m, ok in (("mc_kl_ab", ab), ("mc_kl_ba", ba)) if ok]
     aligned_ab = ab and _all_aligned_topk(a, b.model)
     aligned_ba = ba and _all_aligned_topk(b, a.model)
-    for base in ("topk_kl_lb", "topk_js_lb"):
+    for base in TOPK_METRICS:
         if aligned_ab and aligned_ba:
             out.append(base)
         out += [f"{base}{s}" for s, ok in (("_ab", aligned_ab), ("_ba", aligned_ba)) if ok]
@@ -449,7 +473,7 @@ def _rank_prompts(
     metric = _checked_metric(metric, avail, a.path, per_byte)
     rng = np.random.default_rng(seed)
     n = len(a.records) if max_prompts is None else min(max_prompts, len(a.records))
-    coarse: dict[int, tuple[float, float, int]] = {}
+    coarse: dict[int, tuple[float, float, float, int]] = {}
     if not per_byte:  # the top-k bounds compare one vocabulary's distributions
         coarse = coarse_sums([r for rec in a.records[:n] for r in rec.usable], b.model)
         coarse |= coarse_sums([r for rec in b.records[:n] for r in rec.usable], a.model)
@@ -469,6 +493,9 @@ def _rank_prompts(
     ]
     assign_ranks(prompts, metric, avail)
     units, notes = _units_and_notes(avail, per_byte, a.n_excluded + b.n_excluded)
+    separation = js_separation(prompts, TOP_N_SEPARATION) if "topk_js_ub" in avail else None
+    if separation is not None:
+        notes.append(separation["summary"])
     return Ranking(
         metric,
         [a.model, b.model],
@@ -479,7 +506,75 @@ def _rank_prompts(
         prompts,
         n_bootstrap,
         ci_level,
+        js_intervals=separation,
     )
+
+
+def js_interval(p: PromptScore) -> tuple[list[float] | None, list[float] | None]:
+    """A prompt's certified JS interval on its sampled positions ``[topk_js_lb, topk_js_ub]``
+    and, with their CIs, ``[lower CI end of the lower bound, upper CI end of the upper]`` (None
+    where not available; the second also with a single response)."""
+    lb, ub = p.scores.get("topk_js_lb"), p.scores.get("topk_js_ub")
+    if lb is None or ub is None:
+        return None, None
+    ci_lb, ci_ub = p.ci.get("topk_js_lb"), p.ci.get("topk_js_ub")
+    wide = [ci_lb[0], ci_ub[1]] if ci_lb and ci_ub else None
+    return [lb, ub], wide
+
+
+def js_separation(prompts: list[PromptScore], top_n: int) -> dict[str, Any]:
+    """Which pairs of the ``top_n`` best-ranked prompts the JS intervals tell apart.
+
+    A pair is separated when its two intervals (the CI-widened ones, or the certified ones on
+    the sampled positions where a CI is missing) do not overlap; the ranking among the top N is
+    decided by them when every pair is separated (in the order the intervals give).
+
+    Returns:
+        ``{top_n, interval, separated: [[idx, idx], ...] (higher first), overlapping,
+        decided, summary}``.
+    """
+    top = sorted((p for p in prompts if p.rank is not None), key=lambda p: p.rank)[:top_n]
+    iv = {}
+    kinds = set()
+    for p in top:
+        certified, wide = js_interval(p)
+        if certified is not None:
+            iv[p.index] = wide or certified
+            kinds.add("ci" if wide else "certified")
+    sep, over = [], []
+    idx = list(iv)
+    for i, x in enumerate(idx):
+        for y in idx[i + 1 :]:
+            if iv[x][0] > iv[y][1]:
+                sep.append([x, y])
+            elif iv[y][0] > iv[x][1]:
+                sep.append([y, x])
+            else:
+                over.append([x, y])
+    pairs = len(sep) + len(over)
+    decided = pairs > 0 and not over
+    kind = (
+        "CI ends of the lower and upper bound"
+        if kinds == {"ci"}
+        else "certified bounds on the sampled positions (no CI with one response)"
+        if kinds == {"certified"}
+        else "CI ends where available, else the certified bounds"
+    )
+    summary = (
+        f"JS intervals [topk_js_lb, topk_js_ub] ({kind}): of the top {len(idx)} prompts, "
+        f"{len(sep)} of {pairs} pairs are separated; "
+        + ("they decide the order among them" if decided else "they do not decide the order")
+        + ("" if not over else " (overlapping: " + ", ".join(f"{a}~{b}" for a, b in over) + ")")
+    )
+    return {
+        "top_n": len(idx),
+        "interval": kind,
+        "intervals": {str(k): v for k, v in iv.items()},
+        "separated": sep,
+        "overlapping": over,
+        "decided": decided,
+        "summary": summary,
+    }
 
 
 def two_tokenizers(a: SampleSet, b: SampleSet) -> bool:

@@ -234,10 +234,15 @@ def ranking_table(r: Ranking, top: int | None = None) -> Table:
     shown = (scored[:top] if top is not None else scored) + [p for p in ordered if p.rank is None]
     others = [x for x in r.available if not x.endswith(("_ab", "_ba")) and x != m]
     cats = any(p.category for p in r.prompts)
+    js_name = "JS [lower, upper]"  # certified on the sampled positions (topk_js_lb, _ub)
+    js = "topk_js_ub" in r.available
     rows = []
     for p in shown:
         row: dict[str, Any] = {"rank": p.rank, "idx": p.index, m: p.scores.get(m)}
         row[ci_name] = fmt_ci(p.ci.get(m))
+        if js:
+            lb, ub = p.scores.get("topk_js_lb"), p.scores.get("topk_js_ub")
+            row[js_name] = fmt_ci(None if lb is None or ub is None else [lb, ub])
         row["n a/b"] = f"{p.n_responses[0]}/{p.n_responses[1]}"
         row["excl a/b"] = f"{p.excluded_responses[0]}/{p.excluded_responses[1]}"
         row["prompt"] = p.prompt if p.rank is not None else f"({p.reason}) {p.prompt}"
@@ -245,10 +250,10 @@ def ranking_table(r: Ranking, top: int | None = None) -> Table:
             row["category"] = p.category
         row |= {x: p.scores.get(x) for x in others}
         rows.append(row)
-    text = ["rank", "idx", m, ci_name, "n a/b"]
+    text = ["rank", "idx", m, ci_name, *[js_name] * js, "n a/b"]
     if any(sum(p.excluded_responses) for p in r.prompts):
         text.append("excl a/b")
-    columns = ["rank", "idx", m, ci_name, "n a/b", "excl a/b"]
+    columns = ["rank", "idx", m, ci_name, *[js_name] * js, "n a/b", "excl a/b"]
     columns += ["category"] * cats + ["prompt"] + others
     return Table(rows, columns, text_columns=text + ["prompt"], flex=("prompt",))
 
