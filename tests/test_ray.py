@@ -11,6 +11,7 @@ with the reason.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -142,13 +143,42 @@ def personas_in_process(tmp_path_factory):
 
 
 def _same_persona_outputs(a: Path, b: Path) -> None:
-    """Bitwise the same matrices, per-prompt rows, cosines and generations."""
+    """The same generations (bitwise) and the same matrices, per-prompt rows and cosines up to
+    fp32 rounding (:func:`_same_numbers`)."""
     ma, mb = (json.loads((d / "divergence_matrices.json").read_text()) for d in (a, b))
     for k in ("js", "js_by_generator", "kl_fwd", "kl_rev", "kl_sym", "kl_asym"):
-        assert np.array_equal(np.array(ma[k]), np.array(mb[k])), k
+        _same_numbers(ma[k], mb[k], k)
     assert np.array(ma["js"]).max() > 0
-    for f in ("per_prompt.csv", "cosine.json", "generations.json"):
-        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert (a / "generations.json").read_bytes() == (b / "generations.json").read_bytes()
+    _same_numbers(*(json.loads((d / "cosine.json").read_text()) for d in (a, b)))
+    rows = [list(csv.reader((d / "per_prompt.csv").read_text().splitlines())) for d in (a, b)]
+    _same_numbers(*([[_number(c) for c in r] for r in t] for t in rows))
+
+
+def _number(cell: str) -> float | str:
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+def _same_numbers(x, y, key: str = "") -> None:
+    """The same JSON-like document, floats up to fp32 rounding. A Ray worker runs torch on
+    fewer threads than this process; on some CPUs (AVX-512 here, 6 December 2026) a kernel's
+    reductions then round differently (about 1e-6 relative), while on others (AVX2) the two
+    agreed bit for bit. Token ids, texts and every non-float value are compared exactly."""
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), key
+        for k in x:
+            _same_numbers(x[k], y[k], k)
+    elif isinstance(x, list):
+        assert len(x) == len(y), key
+        for u, v in zip(x, y, strict=True):
+            _same_numbers(u, v, key)
+    elif isinstance(x, float):
+        assert x == pytest.approx(y, rel=2e-5, abs=1e-7), key
+    else:
+        assert x == y, key
 
 
 def _unit_files(cache: Path) -> list[Path]:
@@ -255,13 +285,18 @@ def test_diff_on_two_workers_equal_one_process(cluster, tmp_path):
     _cli([*base, "--out", str(local)], _cache_home(tmp_path / "c1"))
     _cli([*base, "--out", str(remote), "--ray", cluster, "--workers", "2"],
          _cache_home(tmp_path / "c2"))  # fmt: skip
-    for f in ("summary.json", "what_changed.json", "samples_a.jsonl", "samples_b.jsonl"):
-        assert (local / f).read_bytes() == (remote / f).read_bytes(), f
+    for f in ("summary.json", "what_changed.json"):
+        _same_numbers(*(json.loads((d / f).read_text()) for d in (local, remote)), f)
+    for f in ("samples_a.jsonl", "samples_b.jsonl"):
+        lines = [(d / f).read_text().splitlines() for d in (local, remote)]
+        _same_numbers(*([json.loads(x) for x in t] for t in lines), f)
     ranking = json.loads((remote / "ranking.json").read_text())
     ranking_local = json.loads((local / "ranking.json").read_text())
     assert [Path(f).name for f in ranking.pop("files")] == ["samples_a.jsonl", "samples_b.jsonl"]
     ranking_local.pop("files")
-    assert ranking == ranking_local  # floats read back from the same text: bitwise
+    for doc in (ranking, ranking_local):
+        doc.pop("file_sha256", None)  # digests of sample files that differ in the last digits
+    _same_numbers(ranking, ranking_local)
     assert ranking["metric"] == "kl" and max(p["scores"]["kl"] for p in ranking["prompts"]) > 0
     meta = json.loads((remote / "metadata.json").read_text())
     assert meta["executor"]["kind"] == "ray" and meta["executor"]["workers"] == 2
