@@ -163,10 +163,15 @@ def _number(cell: str) -> float | str:
 
 
 def _same_numbers(x, y, key: str = "") -> None:
-    """The same JSON-like document, floats up to fp32 rounding. A Ray worker runs torch on
-    fewer threads than this process; on some CPUs (AVX-512 here, 6 December 2026) a kernel's
-    reductions then round differently (about 1e-6 relative), while on others (AVX2) the two
-    agreed bit for bit. Token ids, texts and every non-float value are compared exactly."""
+    """The same JSON-like document, floats up to fp32 rounding (rel 1e-4, abs 1e-5 nats: the
+    rounding of fp32 log-probabilities of magnitude ~20). A Ray worker runs torch on fewer
+    threads than this process; on some CPUs (AVX-512 here, 6 December 2026) its kernels' reductions
+    then round differently, while on others (AVX2) the two agreed bit for bit. Token ids, texts
+    and every non-float value are compared exactly, except ``--layers``' numerical floor
+    (``*_floor``: A batched against A sample by sample, which measures exactly that rounding)
+    and its sentences (numbers printed in them)."""
+    if key.endswith(("_floor", "_floor_ci")):
+        return
     if isinstance(x, dict):
         assert x.keys() == y.keys(), key
         for k in x:
@@ -176,8 +181,8 @@ def _same_numbers(x, y, key: str = "") -> None:
         for u, v in zip(x, y, strict=True):
             _same_numbers(u, v, key)
     elif isinstance(x, float):
-        assert x == pytest.approx(y, rel=2e-5, abs=1e-7), key
-    else:
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-5), key
+    elif key != "sentences":
         assert x == y, key
 
 
@@ -316,26 +321,5 @@ def test_diff_layers_on_two_workers_equal_one_process(cluster, tmp_path):
     _cli([*base, "--out", str(remote), "--ray", cluster, "--workers", "2"],
          _cache_home(tmp_path / "c2"))  # fmt: skip
     doc, ref = (json.loads((d / "layers.json").read_text()) for d in (remote, local))
-    _close(doc, ref)
+    _same_numbers(doc, ref)
     assert doc["n_layers"] == 30 and doc["kl_total"] > 0
-
-
-def _close(x, y, key: str = "") -> None:
-    """The same document up to fp32 rounding: a worker runs torch on fewer threads than this
-    process, and the merged adapter's matmuls round differently there (the plain diff's
-    summary.json differs at 1e-7 relative too). The numerical floor (``*_floor``: A batched
-    against A sample by sample) measures exactly that rounding, so it is not compared."""
-    if key.endswith(("_floor", "_floor_ci")):
-        return
-    if isinstance(x, dict):
-        assert x.keys() == y.keys(), key
-        for k in x:
-            _close(x[k], y[k], k)
-    elif isinstance(x, list):
-        assert len(x) == len(y), key
-        for u, v in zip(x, y, strict=True):
-            _close(u, v, key)
-    elif isinstance(x, float):
-        assert x == pytest.approx(y, rel=1e-4, abs=1e-5), key
-    elif key != "sentences":
-        assert x == y, key
