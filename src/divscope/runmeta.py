@@ -281,6 +281,15 @@ def dir_lock(directory: Path, busy: Callable[[], Exception]) -> Iterator[None]:
         f.close()
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(2**20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def content_hash(obj: Any) -> str:
     """A short, stable hash of a JSON-able object (the cache's content address)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]

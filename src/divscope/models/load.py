@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from divscope.runmeta import OutputError, folder_problem
+from divscope.runmeta import OutputError, file_sha256, folder_problem
 
 # Gemma's chat format, for the base GGUF which ships without a template. Gemma has no system
 # role; divscope's persona pipeline merges a system prompt into the first user turn itself.
@@ -394,18 +394,10 @@ def dir_identity(directory: Path, *, full: bool = False) -> dict[str, Any]:
         if not f.is_file():
             continue
         if full or f.name in CONFIG_FILES or f.name.endswith(".index.json"):
-            out[f.name] = _sha256(f)
+            out[f.name] = file_sha256(f)
         elif f.suffix in WEIGHT_SUFFIXES:
             out[f.name] = file_identity(f)
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(2**20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_dir(name: str) -> Path | None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from divscope.bounded import json_int
 from divscope.report.tables import fmt, shorten
+from divscope.runmeta import file_sha256
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
@@ -203,20 +204,20 @@ class Page:
 
 
 def _ranking_report(run: Path, page: Page) -> None:
-    r, meta = _read_ranking(run)
+    doc = _checked_ranking(run / "ranking.json")
+    r, meta = _read_ranking(run, doc)
     _ranking_summary(r, meta, page)
     _ranking_tables(r, page)
     from divscope.report.diff_sections import diff_sections
 
     diff_sections(run, page)  # a model diff's summary, what changed, layers (when present)
-    _ranking_token_views(run, r, page, _checked_ranking(run / "ranking.json").get("file_sha256"))
+    _ranking_token_views(run, r, page, doc.get("file_sha256"))
 
 
-def _read_ranking(run: Path) -> tuple[Any, dict[str, Any]]:
-    """The run's ranking.json as a :class:`Ranking`, and its metadata (or {})."""
+def _read_ranking(run: Path, doc: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The run's checked ranking.json ``doc`` as a :class:`Ranking`, and its metadata (or {})."""
     from divscope.estimators.ranking import PromptScore, Ranking
 
-    doc = _checked_ranking(run / "ranking.json")
     meta = (
         json.loads((run / "metadata.json").read_text()) if (run / "metadata.json").exists() else {}
     )
@@ -368,10 +369,8 @@ def check_sample_files(run: Path, files: list[Path], digests: list[str] | None) 
     Raises:
         ReportError: A file is not the one the ranking was computed from.
     """
-    import hashlib
-
     for f, want in zip(files, digests or [], strict=False):
-        if f.is_file() and hashlib.sha256(f.read_bytes()).hexdigest() != want:
+        if f.is_file() and file_sha256(f) != want:
             raise ReportError(
                 f"{f} is not the sample file {run / 'ranking.json'} was computed from (its "
                 "SHA-256 differs from the recorded file_sha256). Fix: keep a run's files "
