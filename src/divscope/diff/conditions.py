@@ -87,34 +87,46 @@ def parse_spec(spec: str, system: str | None = None, default_dtype: str = "float
         raise DiffInputError(f"model spec {spec!r}: dtype {dtype!r}. Fix: one of {DTYPES}")
     adapter = opts.get("adapter")
     if adapter is not None:
-        _check_adapter_dir(spec, adapter)
+        check_adapter_dir(adapter, spec)
     return Condition(parts[0], adapter, dtype, system)
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def _check_adapter_dir(spec: str, adapter: str) -> None:
-    """Refuse an adapter directory PEFT would misreport: no config, no weights, no peft_type."""
+def check_adapter_dir(adapter: str, spec: str | None = None) -> None:
+    """Refuse an adapter directory PEFT would fail on or misreport: no config, no weights, a
+    config that is not a JSON object, no peft_type. ``spec``: the model spec that named it.
+
+    Raises:
+        DiffInputError: The first problem, naming the file and the fix.
+    """
     folder = Path(adapter)
+    path = folder / "adapter_config.json"
+    where = f"model spec {spec!r}: " if spec else ""
     fix = "Fix: give the directory that adapter.save_pretrained wrote"
-    if not (folder / "adapter_config.json").is_file():
+    if not path.is_file():
         raise DiffInputError(
-            f"model spec {spec!r}: {adapter} is not a PEFT adapter directory (no "
-            f"adapter_config.json). {fix}"
+            f"{where}{adapter} is not a PEFT adapter directory (no adapter_config.json). {fix}"
         )
     if not any((folder / w).is_file() for w in ADAPTER_WEIGHTS):
         raise DiffInputError(
-            f"model spec {spec!r}: {adapter} has no adapter weights (expected "
+            f"{where}{adapter} has no adapter weights (expected "
             f"{' or '.join(ADAPTER_WEIGHTS)} beside adapter_config.json). {fix}"
         )
     try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # not readable JSON: refused where the config is read
-    if isinstance(config, dict) and not config.get("peft_type"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DiffInputError(
-            f"model spec {spec!r}: {folder / 'adapter_config.json'} names no peft_type (e.g. "
+            f"{path} is not JSON ({type(e).__name__}: {str(e)[:80]}). {fix}"
+        ) from None
+    if not isinstance(config, dict):
+        raise DiffInputError(
+            f"{path} is not a JSON object (it holds a {type(config).__name__}). {fix}"
+        )
+    if not config.get("peft_type"):
+        raise DiffInputError(
+            f"{where}{path} names no peft_type (e.g. "
             '"LORA"), so PEFT cannot tell what kind of adapter it is. ' + fix
         )
 

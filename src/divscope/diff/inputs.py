@@ -5,11 +5,9 @@ lengths against each model's context and the two output heads. Every problem is 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from divscope.diff.conditions import Condition, DiffInputError
+from divscope.diff.conditions import Condition, DiffInputError, check_adapter_dir
 from divscope.models.checks import (
     context_limit,
     context_problem,
@@ -68,19 +66,7 @@ def check_condition_files(cond: Condition) -> None:
         DiffInputError: A file that would fail to load, named, with the fix.
     """
     if cond.adapter:
-        path = Path(cond.adapter) / "adapter_config.json"
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise DiffInputError(
-                f"{path} is not JSON ({type(e).__name__}: {str(e)[:80]}). Fix: give the "
-                "directory that adapter.save_pretrained wrote"
-            ) from None
-        if not isinstance(config, dict):
-            raise DiffInputError(
-                f"{path} is not a JSON object (it holds a {type(config).__name__}). Fix: give "
-                "the directory that adapter.save_pretrained wrote"
-            )
+        check_adapter_dir(cond.adapter)
     for d in (cond.model, cond.adapter):
         if d and (problem := weights_problem(d)):
             raise DiffInputError(problem)
