@@ -14,7 +14,7 @@ Headline: ``layers_fraction_of_matmul_peak`` = FLOPs of the block evaluations an
 decomposition needs (2 x block parameters x tokens for 2 own stacks, the floor's stack and
 2 x L(L+1)/2 hybrid blocks; 2 x hidden x vocab per scored position for 2 + 2(L + 1) heads)
 / seconds / a matmul peak measured in the same run; ``layers_cost_ratio`` = layers seconds /
-plain diff seconds (with ``n_layers``); peak extra memory (RSS) of the layer unit at two
+plain diff seconds (with ``n_layers``); peak extra memory (RSS) of the layer unit at three
 prompt counts, each in a fresh process (it must not grow with prompts).
 """
 
@@ -37,7 +37,8 @@ from divscope.diff.layers import score_layers
 from divscope.diff.score import score_prompt_pair
 
 HEADLINE = (2, 4, 32)  # prompts, samples, tokens
-MEMORY = ((1, 2, 16), (3, 2, 16))  # peak memory at two prompt counts, each in its own process
+# peak memory at three prompt counts, each in its own process
+MEMORY = ((1, 2, 16), (3, 2, 16), (6, 2, 16))
 
 
 def layers(model_a, model_b, pairs):

@@ -271,3 +271,26 @@ def test_generalized_jsd_float32_keeps_precision_near_the_ends(beta):
     assert got.dtype == torch.float32
     rel = ((got.double() - ref).abs() / ref.abs().clamp(min=1e-12)).max().item()
     assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kl_sums_from_logits_matches_torch_distributions(dtype):
+    """The KL-only fused kernel (the layer walk's) against torch.distributions summed over
+    positions, with the reference broadcast over hybrids, masked entries and self-KL 0."""
+    from divscope.divergence.fused import js_and_kls_sums_from_logits, kl_sums_from_logits
+
+    g = torch.Generator().manual_seed(7)
+    xp = torch.randn(1, 6, 50, generator=g, dtype=dtype) * 4
+    xq = torch.randn(3, 6, 50, generator=g, dtype=dtype) * 4
+    xq[1, :, :5] = -math.inf  # Q gives no mass where P has some: KL infinite there
+    xp[0, 2, 10:20] = -math.inf  # P gives none: those terms count 0
+    ours = kl_sums_from_logits(xp, xq)
+    ref = torch.distributions.kl_divergence(Cat(logits=xp.double()), Cat(logits=xq.double()))
+    assert ours.dtype == torch.float64 and ours.shape == (3,)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for b in (0, 2):
+        assert ours[b].item() == pytest.approx(ref[b].sum().item(), rel=tol)
+    assert math.isinf(ours[1].item()) and ours[1].item() > 0
+    assert torch.equal(kl_sums_from_logits(xq, xq), torch.zeros(3, dtype=torch.float64))
+    same = js_and_kls_sums_from_logits(xp, xq[[0, 2]])[1]
+    torch.testing.assert_close(ours[[0, 2]], same, rtol=tol, atol=1e-6)

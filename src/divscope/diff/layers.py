@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from divscope.divergence.fused import js_and_kls_sums_from_logits
+from divscope.divergence.fused import kl_sums_from_logits
 from divscope.models.hybrid import Stack, blocks, final_norm, record_stack, run_blocks, triangle
 from divscope.models.teacher_force import fp32_logits, output_head, pad_right
 
@@ -119,7 +119,7 @@ def kl_sums(ref: torch.Tensor, ends_ref: Ends, hybrids: torch.Tensor, ends_top: 
         for k0 in range(0, n, group):
             h = hybrids[k0 : k0 + group, t0 : t0 + step]
             xm = ends_top.logits(h.reshape(-1, width), buf).view(h.shape[0], -1, vocab)
-            out[k0 : k0 + group] += js_and_kls_sums_from_logits(xa, xm)[1].cpu()
+            out[k0 : k0 + group] += kl_sums_from_logits(xa, xm).cpu()
     return out.numpy()
 
 

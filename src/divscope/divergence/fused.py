@@ -102,6 +102,15 @@ def _js_and_kls_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     return _js_and_kls_rows(lp, lq)
 
 
+def _kl_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """KL(P||Q) per position of ``P = softmax(xp)``, ``Q = softmax(xq)``: ``(..., V) -> (...)``
+    (``xp`` broadcasts); two ``exp`` per entry instead of :func:`_js_and_kls_logits`' five."""
+    lp = xp - torch.logsumexp(xp, -1, keepdim=True)
+    lq = xq - torch.logsumexp(xq, -1, keepdim=True)
+    p = lp.exp()
+    return torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
+
+
 def _position_terms_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     """JS, KL(P||Q), KL(Q||P) and both log-normalisers per position: ``(T, V) -> (5, T)``."""
     lse_p = torch.logsumexp(xp, -1, keepdim=True)
@@ -128,3 +137,12 @@ def js_and_kls_sums_from_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Ten
     ``(B, T, V)`` tensor is ever written.
     """
     return _fused(_js_and_kls_logits, _wide(xp), _wide(xq)).double().sum(-1)
+
+
+def kl_sums_from_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """Sums over positions of KL(P||Q), ``P = softmax(xp)``, ``Q = softmax(xq)``, in nats.
+
+    Shapes ``(1 or B, T, V)`` and ``(B, T, V)`` -> ``(B,)`` float64; one fused pass (the KL of
+    :func:`js_and_kls_sums_from_logits` without the JS terms, for callers that need only it).
+    """
+    return _fused(_kl_logits, _wide(xp), _wide(xq)).double().sum(-1)

@@ -25,7 +25,7 @@ import torch
 from divscope.models.teacher_force import decoder
 
 # Tokens per block call when hybrids are batched: bounds the activations whatever L is.
-BLOCK_TOKENS = 2**14
+BLOCK_TOKENS = 2**12
 
 
 class HybridError(ValueError):
