@@ -14,8 +14,9 @@ Headline: ``layers_fraction_of_matmul_peak`` = FLOPs of the block evaluations an
 decomposition needs (2 x block parameters x tokens for 2 own stacks, the floor's stack and
 2 x L(L+1)/2 hybrid blocks; 2 x hidden x vocab per scored position for 2 + 2(L + 1) heads)
 / seconds / a matmul peak measured in the same run; ``layers_cost_ratio`` = layers seconds /
-plain diff seconds (with ``n_layers``); peak extra memory (RSS) of the layer unit at three
-prompt counts, each in a fresh process (it must not grow with prompts).
+plain diff seconds (with ``n_layers``); peak extra memory (RSS) of the layer unit run on 1,
+4 and 12 prompts (one prompt's work repeated: the same shapes), each in a fresh process (it
+must not grow with prompts).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from divscope.diff.score import score_prompt_pair
 
 HEADLINE = (2, 4, 32)  # prompts, samples, tokens
 # peak memory at three prompt counts, each in its own process
-MEMORY = ((1, 2, 16), (3, 2, 16), (6, 2, 16))
+MEMORY = ((1, 2, 16), (4, 2, 16), (12, 2, 16))
 
 
 def layers(model_a, model_b, pairs):
@@ -63,7 +64,9 @@ def memory_only(size: tuple[int, int, int]) -> None:
     _, tok = load_condition(parse_spec(PAIR[0]))
     gen = torch.Generator().manual_seed(0)
     layers(*models, workload(tok, 1, 1, 2, gen))
-    _, extra, _ = timed(layers, *models, workload(tok, *size, gen))
+    p, s, t = size
+    # one prompt's unit P times: the same shapes each time, so any growth is held memory
+    _, extra, _ = timed(layers, *models, workload(tok, 1, s, t, gen) * p)
     print(extra)
 
 
