@@ -46,6 +46,7 @@ DTYPE = "float32"  # models: weights of both (a spec's dtype=... overrides it)
 RAY_ADDRESS = None  # models: None = this process; "local" = Ray here; "host:6379" = a Ray cluster
 WORKERS = 1  # models: Ray workers, each holding both models (more than 1 needs RAY_ADDRESS)
 LAYERS = False  # models: also where inside the model KL(A||B) arises, block by block (slower)
+CAUSAL_BLOCKS = 2  # LAYERS: leading blocks whose mean change gets the causal check ("all": each)
 
 # %% [markdown]
 # ## Imports
@@ -68,6 +69,7 @@ from divscope.estimators.contributions import token_contributions
 from divscope.estimators.ranking import ALL_METRICS, category_summary, rank_prompts
 from divscope.models.load import DTYPES
 from divscope.params import (
+    check_causal_blocks,
     check_choice,
     check_device,
     check_int,
@@ -127,6 +129,7 @@ else:
     check_choice("DTYPE", DTYPE, DTYPES)
     check_workers("WORKERS", WORKERS, "RAY_ADDRESS", RAY_ADDRESS)
     check_choice("LAYERS", LAYERS, (False, True))
+    check_causal_blocks("CAUSAL_BLOCKS", CAUSAL_BLOCKS)
 check_int("TOP_N_DISPLAY", TOP_N_DISPLAY)
 check_int("N_BOOTSTRAP", N_BOOTSTRAP)
 check_seed("SEED", SEED)
@@ -154,6 +157,7 @@ if SOURCE == "models":
         ray=RAY_ADDRESS,
         workers=WORKERS,
         layers=LAYERS,
+        causal_blocks=CAUSAL_BLOCKS,
     )
 run_dir = None  # created once the inputs have loaded (and, for files, ranked)
 if diff is not None:  # both sides' samples as sample files: every cell below reads them
@@ -311,7 +315,9 @@ if diff is not None and diff.units:
 # Walking from B to A one part at a time (embeddings, each block, the head), each part's share
 # of KL(A||B) on A's samples (the shares sum exactly to 1), the same in the other order, the
 # drift of the residual stream after each block, and what each block's mean change promotes
-# and suppresses (read out through the final norm and head). Written to `layers.json`.
+# and suppresses (read out through the final norm and head). `direction`: the share of
+# KL(A||B) that B's component along that mean change alone reproduces in A (the causal check,
+# for the CAUSAL_BLOCKS leading blocks; `p` against random directions). Written to `layers.json`.
 
 # %%
 if diff is not None and diff.layers:
@@ -332,6 +338,8 @@ if diff is not None and diff.layers:
                 "drift": r["drift_rel_norm"],
                 "promotes": ", ".join(repr(t["token"]) for t in r["promotes"][:3]),
                 "suppresses": ", ".join(repr(t["token"]) for t in r["suppresses"][:3]),
+                "direction": fmt(r["direction_fraction"]),  # "-": block not checked
+                "p": fmt(r.get("direction_p")),
             }
             for r in lay["layers"]
         )
@@ -389,7 +397,7 @@ else:  # ranking.json, summary.json, what_changed.json and the samples are writt
     params = {"SOURCE": SOURCE, "MODEL_A": MODEL_A, "MODEL_B": MODEL_B}
     params |= {"PROMPTS_FILE": PROMPTS_FILE, "N_PROMPTS": N_PROMPTS, "N_SAMPLES": N_SAMPLES}
     params |= {"MAX_NEW_TOKENS": MAX_NEW_TOKENS, "TEMPERATURE": TEMPERATURE, "DTYPE": DTYPE}
-    params["LAYERS"] = LAYERS
+    params |= {"LAYERS": LAYERS, "CAUSAL_BLOCKS": CAUSAL_BLOCKS}
 params |= {"METRIC": ranking.metric, "N_BOOTSTRAP": N_BOOTSTRAP, "SEED": SEED}
 meta = run_metadata(
     "kl_demo",

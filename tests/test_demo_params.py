@@ -57,6 +57,12 @@ CASES = [
     ("kl_demo.py", {"SOURCE": '"models"', "LAYERS": '"yes"'}, "LAYERS = 'yes'", "False, True"),
     (
         "kl_demo.py",
+        {"SOURCE": '"models"', "LAYERS": "True", "CAUSAL_BLOCKS": '"some"'},
+        "CAUSAL_BLOCKS = 'some'",
+        "an integer >= 0 or 'all'",
+    ),
+    (
+        "kl_demo.py",
         {"SOURCE": '"models"', "MODEL_B": '"smollm3"'},
         "MODEL_B = 'smollm3'",
         "smollm2-135m-instruct, gemma3-270m",

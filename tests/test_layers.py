@@ -230,7 +230,7 @@ def _self_read_token(model) -> tuple[int, torch.Tensor]:
     return t, w[t] / w[t].norm()
 
 
-def _analysis(a, b, n_random_seed: int = 0):
+def _analysis(a, b, n_random_seed: int = 0, n_blocks: int | None = 3):
     from divscope.diff.layers_run import random_directions
 
     prompts = [[1, 2, 3, 4], [7, 3, 9], [11, 12], [40, 41, 42]]
@@ -241,7 +241,7 @@ def _analysis(a, b, n_random_seed: int = 0):
     n = sum(u.n_positions for u in units.values())
     deltas = np.sum([u.delta[0] for u in units.values()], 0) / n
     readout = np.stack([read_out(a, deltas), read_out(b, deltas)])
-    blocks = leading_blocks(units, deltas, 3)
+    blocks = leading_blocks(units, deltas, n_blocks)
     dirs = random_directions(deltas, blocks, n_random_seed)
     sums = sum(score_directions(a, b, DirectionUnit(p, r, blocks, dirs))
                for p, r in zip(prompts, responses, strict=True))  # fmt: skip
@@ -269,6 +269,21 @@ def test_planted_direction_is_named_and_causal(sign):
     assert rec[1]["random_fraction_mean"] < 0.1 and rec[1]["random_fraction_max"] < 0.3
     assert rec[1]["direction_p"] == pytest.approx(1 / 11)
     assert "block 1 carries 1.00" in doc["sentences"][0]
+
+
+def test_causal_check_of_every_block():
+    """``--causal-blocks all``: every block whose mean change is not 0 is checked (block 0,
+    below the planted change, is not: it has nothing to put in), and the planted block's own
+    direction still reproduces all of KL(A||B)."""
+    a = tiny(0, hidden=128)
+    _, u = _self_read_token(a)
+    doc = _analysis(a, _planted(a, 1, 3.0 * u), n_blocks=None)
+    n = len(doc["layers"])
+    assert doc["causal_blocks"] == list(range(1, n)) and doc["n_random_directions"] == 10
+    checked = [r["layer"] for r in doc["layers"] if r["direction_fraction"] is not None]
+    assert checked == list(range(1, n))
+    assert doc["layers"][1]["direction_fraction"] == pytest.approx(1.0, abs=1e-3)
+    assert all(r["direction_fraction"] >= 0 for r in doc["layers"][1:])
 
 
 def test_a_dtype_variant_runs_mixed_hybrids():

@@ -109,6 +109,23 @@ def test_refusals_one_line_exit_2_nothing_written(tmp_path, capsys):
         assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (("--layers", "--causal-blocks", "two"), "must be an integer >= 0"),
+        (("--layers", "--causal-blocks", "-1"), "must be an integer >= 0"),
+        (("--causal-blocks", "2"), "applies to --layers"),
+    ],
+)
+def test_causal_blocks_refused_before_any_model_loads(tmp_path, capsys, extra, needle):
+    out = tmp_path / "out"
+    args = ["diff", "--a", "smollm2-135m-instruct", "--b", PIRATE, "--prompts", PROMPTS]
+    rc = main([*args, "--max-prompts", "1", "--quiet", "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def pirate_layers(tmp_path_factory):
     from divscope.diff.conditions import parse_spec

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from divscope.diff.conditions import DiffInputError, parse_spec
+from divscope.diff.layer_options import causal_blocks_problem
 from divscope.execution.executors import ExecutorError
 from divscope.models.chat import TemplateSeamError
 from divscope.models.load import (
@@ -132,6 +133,13 @@ def check_int(
         raise ParameterError(name, value, "not an integer", valid)
     if value < minimum or (maximum is not None and value > maximum):
         raise ParameterError(name, value, why, valid)
+
+
+def check_causal_blocks(name: str, value: Any) -> None:
+    """``value`` must be a number of leading blocks for ``--layers``' causal check: an integer
+    >= 0 or ``"all"``."""
+    if causal_blocks_problem(value):
+        raise ParameterError(name, value, "out of range", "an integer >= 0 or 'all'")
 
 
 def check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from divscope.cli.common import POSITIVE, command, executor_options
+from divscope.diff.conditions import DiffInputError
+from divscope.diff.layer_options import N_CAUSAL, N_RANDOM, parse_causal_blocks
 from divscope.execution.executors import make_executor
 from divscope.models.load import DTYPES
 from divscope.report.tables import fmt, fmt_ci, shorten
@@ -65,6 +67,14 @@ def add_parser(sub: Any) -> None:
         "drift and each block's named direction (layers.json; same architecture and "
         "tokenizer, different weights, one system prompt)",
     )
+    d.add_argument(
+        "--causal-blocks",
+        default=None,
+        metavar="N",
+        help=f"with --layers: the N leading blocks whose mean change gets the causal check "
+        f"against {N_RANDOM} random directions, or 'all' (default {N_CAUSAL}; each block "
+        f"costs {N_RANDOM + 1} runs of the blocks above it)",
+    )
     executor_options(d)
     d.set_defaults(func=run)
 
@@ -86,6 +96,11 @@ def _run_locked(args: argparse.Namespace) -> int:
     a = parse_spec(args.a, args.system_a, args.dtype)
     b = parse_spec(args.b, args.system_b, args.dtype)
     prompts = read_prompts(args.prompts or defaults.PROMPTS, args.max_prompts)
+    causal = N_CAUSAL
+    if args.causal_blocks is not None:
+        if not args.layers:
+            raise DiffInputError("--causal-blocks applies to --layers. Fix: add --layers")
+        causal = parse_causal_blocks(args.causal_blocks)
     out = Path(args.out)
     executor = make_executor(args.ray, args.workers, device=args.device)
     try:
@@ -105,6 +120,7 @@ def _run_locked(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             executor=executor,
             layers=args.layers,
+            causal_blocks=causal,
         )
     finally:
         executor.close()

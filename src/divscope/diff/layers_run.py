@@ -20,6 +20,7 @@ import numpy as np
 
 from divscope.bounded import ArrayFileError, read_unit_arrays, write_unit_arrays
 from divscope.diff.conditions import DiffInputError
+from divscope.diff.layer_options import N_CAUSAL, N_RANDOM
 from divscope.diff.layers import (
     DirectionUnit,
     LayerScores,
@@ -33,8 +34,6 @@ from divscope.execution.executors import Pool
 from divscope.runmeta import content_hash
 
 FORMAT = 1  # bump when a unit's meaning changes (old cache entries are then not used)
-N_RANDOM = 10  # random directions per checked block in the causal check (p-value >= 1/11)
-N_CAUSAL = 2  # leading blocks that get the causal check (each costs 11 x the blocks above it)
 ARCH_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
              "num_attention_heads", "num_key_value_heads", "vocab_size")  # fmt: skip
 
@@ -208,17 +207,19 @@ def layer_analysis(
     seed: int,
     progress: bool = True,
     label: str = "in-process",
-    causal: bool = True,
+    causal_blocks: int | str = N_CAUSAL,
 ) -> dict[str, Any]:
     """The ``layers.json`` document of a diff (see the module doc and
-    :func:`divscope.diff.layers_summary.summarize`)."""
+    :func:`divscope.diff.layers_summary.summarize`); the causal check runs on the
+    ``causal_blocks`` leading blocks (``"all"``: every block whose mean change is not 0)."""
     units = layer_units(setup, responses, pool, progress=progress, label=label)
     n_pos = sum(u.n_positions for u in units.values())
     deltas = np.sum([u.delta[0] for u in units.values()], 0) / max(n_pos, 1)
     readout = dict(pool.map(readout_on, [(0, deltas)]))[0]
     dirs = None
-    if causal:
-        blocks = leading_blocks(units, deltas, N_CAUSAL)
+    if causal_blocks != 0:
+        n = None if causal_blocks == "all" else int(causal_blocks)
+        blocks = leading_blocks(units, deltas, n)
         if blocks:
             directions = random_directions(deltas, blocks, seed)
             sums = direction_units(setup, responses, pool, (blocks, directions),

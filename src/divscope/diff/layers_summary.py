@@ -32,7 +32,8 @@ NOTES = [
     "over A and B",
     "direction_fraction: KL(P_A || P_M) / KL(A||B), M = A with B's component along that "
     "mean change put in at the block's output; direction_p: empirical p-value against "
-    "random directions",
+    "random directions; checked for the blocks in causal_blocks (divscope diff "
+    "--causal-blocks N or all), null elsewhere",
     "CIs: prompts resampled, ratio of sums in each resample, percentile intervals",
 ]
 
@@ -116,11 +117,14 @@ def _tok(i: int, row: np.ndarray, decode: Callable[[int], str]) -> dict[str, Any
     return {"token": decode(int(i)), "id": int(i), "value": float(row[i])}
 
 
-def leading_blocks(units: dict[int, LayerScores], deltas: np.ndarray, n: int) -> list[int]:
-    """The ``n`` blocks with the largest B->A fraction that have a non-zero mean change."""
+def leading_blocks(units: dict[int, LayerScores], deltas: np.ndarray, n: int | None) -> list[int]:
+    """The ``n`` blocks with the largest positive B->A fraction that have a non-zero mean
+    change; ``n`` None: every block with a non-zero mean change."""
+    ok = np.linalg.norm(deltas, axis=-1) > 0
+    if n is None:
+        return [int(k) for k in np.flatnonzero(ok)]
     cf, _, _ = contributions(list(units.values()))
     per_block = cf[:, 1:-1].sum(0)
-    ok = np.linalg.norm(deltas, axis=-1) > 0
     order = [int(k) for k in np.argsort(-per_block) if ok[k] and per_block[k] > 0]
     return sorted(order[:n])
 
@@ -248,6 +252,8 @@ def summarize(
         "sum_of_fractions": float(fr["fraction"].sum()),
         "sentences": [sentence(r) for r in leading],
         "layers": records,
+        "causal_blocks": [] if dirs is None else [int(b) for b in dirs[0]],
+        "n_random_directions": 0 if dirs is None else int(dirs[1].shape[1] - 1),
         "by_category": _by_category(cf, cr, total, npos, categories),
         "ci_level": CI_LEVEL,
         "n_bootstrap": n_bootstrap,

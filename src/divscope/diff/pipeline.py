@@ -40,6 +40,7 @@ from divscope.diff.conditions import (
     load_conditions,
 )
 from divscope.diff.inputs import check_inputs, check_loaded
+from divscope.diff.layer_options import N_CAUSAL, causal_blocks_problem
 from divscope.diff.layers_run import check_layers, layer_analysis
 from divscope.diff.layers_summary import add_output_overlap
 from divscope.diff.score import (
@@ -387,6 +388,7 @@ def run_diff(
     workers: int = 1,
     executor: Executor | None = None,
     layers: bool = False,
+    causal_blocks: int | str = N_CAUSAL,
 ) -> DiffResult:
     """Diff conditions ``a`` and ``b`` on ``prompts`` (DESIGN.md, pipeline 3).
 
@@ -397,13 +399,16 @@ def run_diff(
     Ray workers that each load both conditions themselves
     (:func:`divscope.execution.make_executor`); ``executor`` passes one already made.
     ``layers`` adds the per-block decomposition of KL(A||B) (:mod:`divscope.diff.layers_run`;
-    refused before any work for pairs it does not apply to).
+    refused before any work for pairs it does not apply to); ``causal_blocks`` leading blocks
+    (or ``"all"``) get its causal check.
     """
     if metric is not None and metric not in METRICS:
         raise DiffInputError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
     params = {"samples": samples, "max_new_tokens": max_new_tokens}
     params |= {"temperature": temperature, "top_p": top_p, "seed": seed, "backend": backend}
     check_inputs({"a": a, "b": b}, prompts, params, backend)
+    if layers and (problem := causal_blocks_problem(causal_blocks)):
+        raise DiffInputError(problem)
     t0 = time.perf_counter()
     with executor_for(executor, ray, workers, device) as ex:
         setup = prepare(
@@ -432,7 +437,7 @@ def run_diff(
             if layers:
                 layer_doc = layer_analysis(
                     setup, responses, pool, n_bootstrap=n_bootstrap, seed=seed,
-                    progress=progress, label=ex.label,
+                    progress=progress, label=ex.label, causal_blocks=causal_blocks,
                 )  # fmt: skip
                 timings["layers"] = time.perf_counter() - t2 - timings["teacher_force"]
         described = ex.describe()
@@ -451,6 +456,8 @@ def run_diff(
     timings["total"] = time.perf_counter() - t0
     params |= {"metric": metric, "top_k": top_k, "n_bootstrap": n_bootstrap}
     params["layers"] = layers
+    if layers:
+        params["causal_blocks"] = causal_blocks
     meta = diff_metadata(
         setup,
         {**params, "device": device, "n_prompts": len(prompts)},
