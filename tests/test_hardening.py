@@ -408,3 +408,20 @@ def test_sample_refuses_bad_files_named_in_the_config(tmp_path, monkeypatch, cap
     assert err.startswith("divscope: error: ") and "Traceback" not in err
     assert {"directory": "is a directory", "binary": "not UTF-8", "junk gguf": "GGUF"}[kind] in err
     assert not (tmp_path / "out").exists()  # nothing created for a run that cannot start
+
+
+def test_safetensors_header_over_the_format_limit_is_refused(tmp_path):
+    """A (sparse) weight file whose header length is over safetensors' 100 MB cap: refused
+    from its first 8 bytes, and its identity hashes at most the capped header."""
+    from divscope.models.checks import MAX_HEADER, safetensors_header, safetensors_problem
+    from divscope.models.load import file_identity
+
+    f = tmp_path / "model.safetensors"
+    n = MAX_HEADER + 1
+    with f.open("wb") as fh:
+        fh.write(n.to_bytes(8, "little") + b"{")
+        fh.truncate(8 + n + 16)
+    assert "over the format's" in safetensors_problem(f)
+    head, body = safetensors_header(f)
+    assert len(head) == 8 and len(body) == MAX_HEADER
+    assert len(file_identity(f)["header_sha256"]) == 64

@@ -89,23 +89,36 @@ def prompt_name(index: int | str, text: str) -> str:
     return f"prompt {index} ({head + ('...' if len(text) > 40 else '')!r})"
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """Why a ``.safetensors`` file cannot be loaded, found from its header alone: too short, a
-    header that is not JSON, or tensors that end past the end of the file (a truncated copy or
-    download)."""
-    size = path.stat().st_size
-    fix = "Fix: copy or download the file again (or save the model again)"
+MAX_HEADER = 100 * 2**20  # safetensors caps its JSON header at 100 MB
+
+
+def safetensors_header(path: Path) -> tuple[bytes, bytes]:
+    """A ``.safetensors`` file's 8-byte header length and its JSON header, unparsed (at most
+    :data:`MAX_HEADER` bytes of it; fewer than 8 bytes for a file that short)."""
     with path.open("rb") as f:
         head = f.read(8)
-        if len(head) < 8:
-            return f"{path} is not a safetensors file ({size} bytes). {fix}"
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            return f"{path} is truncated: its header needs {n} bytes, the file has {size}. {fix}"
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError):
-            return f"{path}: its header is not JSON (damaged file). {fix}"
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        return head, f.read(min(n, MAX_HEADER))
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file cannot be loaded, found from its header alone: too short, a
+    header that is not JSON or larger than the format allows, or tensors that end past the end
+    of the file (a truncated copy or download)."""
+    size = path.stat().st_size
+    fix = "Fix: copy or download the file again (or save the model again)"
+    head, body = safetensors_header(path)
+    if len(head) < 8:
+        return f"{path} is not a safetensors file ({size} bytes). {fix}"
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        return f"{path} is truncated: its header needs {n} bytes, the file has {size}. {fix}"
+    if n > MAX_HEADER:
+        return f"{path}: its header declares {n} bytes, over the format's {MAX_HEADER}. {fix}"
+    try:
+        header = json.loads(body)
+    except (ValueError, RecursionError):
+        return f"{path}: its header is not JSON (damaged file). {fix}"
     if not isinstance(header, dict):
         return f"{path}: its header is not a JSON object (damaged file). {fix}"
     ends = [

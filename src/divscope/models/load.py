@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from divscope.models.checks import safetensors_header
 from divscope.runmeta import OutputError, file_sha256, folder_problem
 
 # Gemma's chat format, for the base GGUF which ships without a template. Gemma has no system
@@ -367,7 +368,6 @@ def load_meta(name: str) -> tuple[ModelMeta, Any]:
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 CONFIG_FILES = ("config.json", "divscope.json", "adapter_config.json")
-MAX_HEADER = 100 * 2**20  # safetensors caps its JSON header at 100 MB
 
 
 def file_identity(path: Path) -> dict[str, Any]:
@@ -377,10 +377,7 @@ def file_identity(path: Path) -> dict[str, Any]:
     st = path.stat()
     ident: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if path.suffix == ".safetensors":
-        with path.open("rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            body = f.read(min(n, MAX_HEADER))
+        head, body = safetensors_header(path)
         ident["header_sha256"] = hashlib.sha256(head + body).hexdigest()
     return ident
 
