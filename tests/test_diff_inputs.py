@@ -401,3 +401,21 @@ def test_sampling_problem_ranges():
     assert "temperature" in sampling_problem(True, 1.0, 0)
     assert "top_p" in sampling_problem(1.0, 1.5, 0)
     assert "max_new_tokens" in sampling_problem(1.0, 1.0, 0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (("--temperature", "-1"), "temperature -1.0 must be a finite number >= 0"),
+        (("--top-p", "1.5"), "top_p 1.5"),
+        (("--seed", str(2**64 - 1)), "seed 18446744073709551615"),  # + offsets overflow
+    ],
+)
+def test_persona_sampling_parameters_refused_before_the_model_loads(tmp_path, capsys, extra,
+                                                                    needle):  # fmt: skip
+    """The model named does not exist: a refusal that names the parameter came first."""
+    out = tmp_path / "out"
+    rc = main(["personas", "--model", "no-such-model", "--n-personas", "2", "--n-questions",
+               "1", "--quiet", "--out", str(out), *extra])  # fmt: skip
+    one_clear_line(capsys, rc, needle)
+    assert not out.exists()

@@ -78,10 +78,18 @@ def run(args: argparse.Namespace) -> int:
     from divscope import defaults
     from divscope.models.load import load_model
     from divscope.personas.data import load_personas, load_questions
-    from divscope.personas.pipeline import PersonaCheckError, run_personas, write_outputs
+    from divscope.personas.pipeline import (
+        PersonaCheckError,
+        check_generation,
+        run_personas,
+        write_outputs,
+    )
 
     personas = load_personas(args.personas or defaults.PERSONAS, args.n_personas)
     questions = load_questions(args.questions or defaults.QUESTIONS, args.n_questions)
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    gen |= {"top_p": args.top_p, "seed": args.seed}
+    check_generation(len(personas), len(questions), gen, args.backend, noise_floor=True)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     executor = make_executor(args.ray, args.workers, device=args.device)
     # with Ray the workers load the model; here only to explain pairs afterwards

@@ -404,6 +404,20 @@ def run_metadata_record(
     )
 
 
+def check_generation(
+    n_personas: int, n_questions: int, gen: dict[str, Any], backend: str, *, noise_floor: bool
+) -> None:
+    """Refuse (:class:`PersonaDataError`) sampling parameters ``gen`` (``max_new_tokens``,
+    ``temperature``, ``top_p``, ``seed``) a run cannot use, or a backend that is not
+    installed: before any model loads."""
+    n_seeds = (n_personas + noise_floor) * n_questions
+    problem = sampling_problem(
+        gen["temperature"], gen["top_p"], gen["seed"], n_seeds, gen["max_new_tokens"]
+    )
+    if problem or (backend == "vllm" and (problem := vllm_problem())):
+        raise PersonaDataError(problem)
+
+
 def run_personas(
     model_name: str,
     personas: list[Persona],
@@ -444,10 +458,9 @@ def run_personas(
             ``error.result``; outputs are still written by the caller if wanted).
         TemplateSeamError: The chat template breaks the prompt/response seam.
     """
-    n_seeds = (len(personas) + noise_floor) * len(questions)
-    problem = sampling_problem(temperature, top_p, seed, n_seeds, max_new_tokens)
-    if problem or (backend == "vllm" and (problem := vllm_problem())):
-        raise PersonaDataError(problem)
+    gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    gen["seed"] = seed
+    check_generation(len(personas), len(questions), gen, backend, noise_floor=noise_floor)
     t0 = time.perf_counter()
     with executor_for(executor, ray, workers, device) as ex:
         setup = prepare(
@@ -456,8 +469,6 @@ def run_personas(
             max_new_tokens=max_new_tokens,
         )  # fmt: skip
         timings = {"load_model": time.perf_counter() - t0}
-        gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-        gen["seed"] = seed
         local = None if ex.remote else Scorer(setup.model, setup.tokenizer)
         with ex.pool(partial(load_scorer, model_name, device, dtype), local) as pool:
             responses = generate_responses(
