@@ -22,8 +22,9 @@ results replace those of an earlier run in the same file, the others are kept). 
   (``do_sample=True, top_k=0, top_p=1.0, temperature=1.0``) at batch 1, 16 and 64: tokens/s,
   the baseline for a vLLM run (vLLM cannot be installed on a machine without network; the
   result says whether it was importable).
-* ``layers``: the ``--layers`` decomposition (issue 24) on a Qwen2.5-1.5B-shaped pair, once
-  :func:`layers_entry` names its entry point (until then null, with the reason).
+* ``layers``: the ``--layers`` unit (:func:`divscope.diff.layers.score_layers`: both walks
+  of hybrids, drift, heads) on a Qwen2.5-1.5B-shaped pair (B = A perturbed), 2 prompts; its
+  FLOPs counted as bench_layers counts them.
 
 MFU: model FLOPs (:data:`FLOP_FORMULA`) / seconds / the matmul peak measured in this run at
 the model's dtype (bf16 on a GPU). Timings: best of a few repetitions, each bracketed by
@@ -606,42 +607,31 @@ def section_generate(run: Run) -> dict[str, Any]:
     }
 
 
-def layers_entry(module: Any) -> Callable[..., float] | None:
-    """``(model_a, model_b, pairs) -> FLOPs``: ``module.score_layers`` (the ``--layers`` unit,
-    on A's samples) on every pair, and the FLOPs of the block evaluations and heads it ran
+def layers_work(model_a: Any, model_b: Any, pairs: list[PromptPair]) -> float:
+    """:func:`divscope.diff.layers.score_layers` (the ``--layers`` unit, on A's samples) on
+    every pair; returns the FLOPs of the block evaluations and heads it ran
     (:func:`benchmarks.bench_teacher_force.layer_flops`, the count behind bench_layers'
     ``layers_fraction_of_matmul_peak``)."""
     from benchmarks.bench_teacher_force import layer_flops
+    from divscope.diff.layers import score_layers
 
-    def run(model_a: Any, model_b: Any, pairs: list[PromptPair]) -> float:
-        for p in pairs:
-            module.score_layers(model_a, model_b, p.prompt_a, p.responses["a"])
-        return layer_flops(model_a, pairs)
-
-    return run
+    for p in pairs:
+        score_layers(model_a, model_b, p.prompt_a, p.responses["a"])
+    return layer_flops(model_a, pairs)
 
 
 def section_layers(run: Run) -> dict[str, Any]:
     """The --layers decomposition on a Qwen2.5-1.5B-shaped pair (B = A perturbed)."""
-    try:
-        from divscope.diff import layers
-    except ImportError as e:
-        reason = f"divscope.diff.layers is not in this checkout ({e}); issue 24 adds it"
-        return {"headline": {"gpu_layers_mfu": None}, "reason": reason}
-    entry = layers_entry(layers)
-    if entry is None:
-        reason = "divscope.diff.layers is here but gpu_check does not call it yet: see the TODO in layers_entry"
-        return {"headline": {"gpu_layers_mfu": None}, "reason": reason}
     plan = run.plan
     run.free()  # the 7B-shaped models
     a = build_model(plan.pair, plan.dtype, run.device, seed=8)
     b = perturbed(a, PERTURB, seed=9)
     gen = torch.Generator().manual_seed(10)
-    entry(a, b, diff_pairs(plan, a.config.vocab_size, gen, 1, 1))  # warm-up
+    layers_work(a, b, diff_pairs(plan, a.config.vocab_size, gen, 1, 1))  # warm-up
     pairs = diff_pairs(plan, a.config.vocab_size, gen, 2, plan.diff_samples)
     with PeakMemory(run.device) as mem:
         seconds, work = best_time(
-            lambda: entry(a, b, pairs), run.device, 2, plan.budget_s["layers"]
+            lambda: layers_work(a, b, pairs), run.device, 2, plan.budget_s["layers"]
         )
     plain, _ = best_time(lambda: [score_prompt_pair(a, b, p) for p in pairs], run.device, 1, 0.0)
     return {

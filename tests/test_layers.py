@@ -246,7 +246,8 @@ def _analysis(a, b, n_random_seed: int = 0, n_blocks: int | None = 3):
     sums = sum(score_directions(a, b, DirectionUnit(p, r, blocks, dirs))
                for p, r in zip(prompts, responses, strict=True))  # fmt: skip
     return summarize(units, readout, (blocks, sums), labels=["a", "b"], categories=[None] * 4,
-                     decode=str, n_bootstrap=200, seed=0)  # fmt: skip
+                     decode=str, n_bootstrap=200, seed=0,
+                     causal_request="all" if n_blocks is None else n_blocks)  # fmt: skip
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -283,7 +284,27 @@ def test_causal_check_of_every_block():
     checked = [r["layer"] for r in doc["layers"] if r["direction_fraction"] is not None]
     assert checked == list(range(1, n))
     assert doc["layers"][1]["direction_fraction"] == pytest.approx(1.0, abs=1e-3)
-    assert all(r["direction_fraction"] >= 0 for r in doc["layers"][1:])
+    few = _analysis(a, _planted(a, 1, 3.0 * u), n_blocks=3)["layers"][1]
+    for key in ("direction_fraction", "random_fraction_mean", "random_fraction_max"):
+        assert doc["layers"][1][key] == few[key]  # a block's random draws: its own seed
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [(" 3", 3), ("03", 3), ("0", 0), ("all ", "all"), ("ALL", "all"),
+     ("--3", None), ("-1", None), ("\u00b2", None), ("2.0", None), ("some", None)],
+)  # fmt: skip
+def test_causal_blocks_option_parsing(text, value):
+    from divscope.diff.conditions import DiffInputError
+    from divscope.diff.layer_options import causal_blocks_problem, parse_causal_blocks
+
+    if value is None:
+        with pytest.raises(DiffInputError, match="must be an integer >= 0"):
+            parse_causal_blocks(text)
+    else:
+        assert parse_causal_blocks(text) == value
+    assert causal_blocks_problem(np.int64(2)) is None  # a numpy integer from a notebook
+    assert causal_blocks_problem(True) and causal_blocks_problem(2.0)
 
 
 def test_a_dtype_variant_runs_mixed_hybrids():

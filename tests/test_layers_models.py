@@ -135,10 +135,11 @@ def pirate_layers(tmp_path_factory):
     cache = tmp_path_factory.mktemp("layers_cache")
     out = tmp_path_factory.mktemp("layers") / "run"
 
-    def run():
+    def run(**kwargs):
         return run_diff(parse_spec("smollm2-135m-instruct"), parse_spec(PIRATE),
                         read_prompts(PROMPTS, 3, spread=True), samples=2, max_new_tokens=6,
-                        n_bootstrap=200, progress=False, unit_cache=cache, layers=True)  # fmt: skip
+                        n_bootstrap=200, progress=False, unit_cache=cache, layers=True,
+                        **kwargs)  # fmt: skip
 
     result = run()
     write_outputs(result, out)
@@ -167,10 +168,31 @@ def test_pirate_layers_contract_and_agreement(pirate_layers):
     total_rev = doc["embedding_fraction_reverse"] + sum(rv) + doc["head_fraction_reverse"]
     assert total_rev == pytest.approx(1, 1e-9)
     assert doc["sentences"] and doc["sentences"][0].startswith("block ")
-    assert sum(r["direction_fraction"] is not None for r in doc["layers"]) >= 1
+    assert doc["causal_blocks_requested"] == 2 and doc["n_random_directions"] == 10
+    checked = [r["layer"] for r in doc["layers"] if r["direction_fraction"] is not None]
+    assert 1 <= len(checked) <= 2 and checked == doc["causal_blocks"]
     again = run()
     assert again.metadata["timings_s"]["layers"] < result.metadata["timings_s"]["layers"]
     assert again.layers["layers"] == result.layers["layers"]
+
+
+def test_causal_blocks_none_and_all(pirate_layers):
+    """--causal-blocks 0: no block checked; all: every block with a non-zero mean change (all
+    30 here: the adapter touches every block), the default's blocks with the same values (each
+    block's random directions are its own); the walks are unchanged and served from the cache."""
+    result, _, run = pirate_layers
+    base = {r["layer"]: r for r in result.layers["layers"]}
+    none = run(causal_blocks=0).layers
+    assert none["causal_blocks"] == [] and none["causal_blocks_requested"] == 0
+    assert none["n_random_directions"] == 0
+    assert all(r["direction_fraction"] is None for r in none["layers"])
+    every = run(causal_blocks="all").layers
+    assert every["causal_blocks"] == list(range(30)) and every["causal_blocks_requested"] == "all"
+    for r in every["layers"]:
+        assert r["direction_fraction"] is not None and r["fraction"] == base[r["layer"]]["fraction"]
+        if base[r["layer"]]["direction_fraction"] is not None:
+            assert r["direction_p"] == base[r["layer"]]["direction_p"]
+            assert r["direction_fraction"] == pytest.approx(base[r["layer"]]["direction_fraction"])
 
 
 def test_report_on_a_diff_folder_shows_summary_what_changed_and_layers(pirate_layers):

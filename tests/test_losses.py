@@ -284,6 +284,7 @@ def test_kl_sums_from_logits_matches_torch_distributions(dtype):
     xq = torch.randn(3, 6, 50, generator=g, dtype=dtype) * 4
     xq[1, :, :5] = -math.inf  # Q gives no mass where P has some: KL infinite there
     xp[0, 2, 10:20] = -math.inf  # P gives none: those terms count 0
+    xq[0, 2, 12] = -math.inf  # ... also where Q gives none
     ours = kl_sums_from_logits(xp, xq)
     ref = torch.distributions.kl_divergence(Cat(logits=xp.double()), Cat(logits=xq.double()))
     assert ours.dtype == torch.float64 and ours.shape == (3,)

@@ -21,6 +21,7 @@ from divscope.diff.conditions import DiffInputError, parse_spec
 from divscope.diff.layer_options import causal_blocks_problem
 from divscope.execution.executors import ExecutorError
 from divscope.models.chat import TemplateSeamError
+from divscope.models.checks import is_integer
 from divscope.models.load import (
     PACKAGED,
     DeviceError,
@@ -139,7 +140,8 @@ def check_causal_blocks(name: str, value: Any) -> None:
     """``value`` must be a number of leading blocks for ``--layers``' causal check: an integer
     >= 0 or ``"all"``."""
     if causal_blocks_problem(value):
-        raise ParameterError(name, value, "out of range", "an integer >= 0 or 'all'")
+        why = "out of range" if is_integer(value) else "not an integer or 'all'"
+        raise ParameterError(name, value, why, "an integer >= 0 or 'all'")
 
 
 def check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:

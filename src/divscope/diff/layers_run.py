@@ -174,9 +174,12 @@ def layer_units(
 
 def random_directions(deltas: np.ndarray, blocks: list[int], seed: int) -> np.ndarray:
     """``(blocks, 1 + N_RANDOM, H)`` unit directions: each block's mean change, then random
-    ones (a fixed seed)."""
-    rng = np.random.default_rng(seed)
-    out = rng.standard_normal((len(blocks), 1 + N_RANDOM, deltas.shape[1]))
+    ones drawn from a generator seeded by ``(seed, block)`` (a block's draws do not depend on
+    which other blocks are checked)."""
+    out = np.stack([
+        np.random.default_rng([seed, b]).standard_normal((1 + N_RANDOM, deltas.shape[1]))
+        for b in blocks
+    ])  # fmt: skip
     out[:, 0] = deltas[blocks]
     return out / np.linalg.norm(out, axis=-1, keepdims=True)
 
@@ -229,7 +232,7 @@ def layer_analysis(
     labels = [setup.conditions[s].label for s in ("a", "b")]
     cats = [p.category for p in setup.prompts]
     return summarize(units, readout, dirs, labels=labels, categories=cats, decode=decode,
-                     n_bootstrap=n_bootstrap, seed=seed)  # fmt: skip
+                     n_bootstrap=n_bootstrap, seed=seed, causal_request=causal_blocks)  # fmt: skip
 
 
 def _decode(tok: Any, i: int) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from divscope.diff.layer_options import N_RANDOM
 from divscope.diff.layers import LayerScores
 
 N_LEADING = 3  # blocks that get a sentence and a causal check
@@ -32,8 +33,9 @@ NOTES = [
     "over A and B",
     "direction_fraction: KL(P_A || P_M) / KL(A||B), M = A with B's component along that "
     "mean change put in at the block's output; direction_p: empirical p-value against "
-    "random directions; checked for the blocks in causal_blocks (divscope diff "
-    "--causal-blocks N or all), null elsewhere",
+    "random directions; null for blocks not in causal_blocks: the causal_blocks_requested "
+    "(--causal-blocks N) blocks with the largest positive share walking B->A, or with 'all' "
+    "every block whose mean change is not 0",
     "CIs: prompts resampled, ratio of sums in each resample, percentile intervals",
 ]
 
@@ -225,14 +227,17 @@ def summarize(
     decode: Callable[[int], str],
     n_bootstrap: int,
     seed: int,
+    causal_request: int | str = 0,
 ) -> dict[str, Any]:
-    """The ``layers.json`` document (see the module doc and :data:`NOTES`)."""
+    """The ``layers.json`` document (see the module doc and :data:`NOTES`); ``dirs`` holds
+    the causal check's blocks and sums, run for ``causal_request`` (``--causal-blocks``)."""
     us = list(units.values())
     cf, cr, total = contributions(us)
     npos = np.array([u.n_positions for u in us], np.float64)
     w = _weights(len(us), n_bootstrap, seed)
     fr = _fractions(cf, cr, total, w)
-    records = _records(fr, drift(us, w), token_lists(readout, decode), _causal(dirs, total.sum()))
+    causal = _causal(dirs, total.sum())
+    records = _records(fr, drift(us, w), token_lists(readout, decode), causal)
     leading = sorted(records, key=lambda r: -r["fraction"])[:N_LEADING]
     return {
         "model_a": labels[0],
@@ -252,8 +257,9 @@ def summarize(
         "sum_of_fractions": float(fr["fraction"].sum()),
         "sentences": [sentence(r) for r in leading],
         "layers": records,
-        "causal_blocks": [] if dirs is None else [int(b) for b in dirs[0]],
-        "n_random_directions": 0 if dirs is None else int(dirs[1].shape[1] - 1),
+        "causal_blocks_requested": causal_request,
+        "causal_blocks": sorted(causal),
+        "n_random_directions": N_RANDOM if causal_request != 0 else 0,
         "by_category": _by_category(cf, cr, total, npos, categories),
         "ci_level": CI_LEVEL,
         "n_bootstrap": n_bootstrap,

@@ -407,8 +407,10 @@ def run_diff(
     params = {"samples": samples, "max_new_tokens": max_new_tokens}
     params |= {"temperature": temperature, "top_p": top_p, "seed": seed, "backend": backend}
     check_inputs({"a": a, "b": b}, prompts, params, backend)
-    if layers and (problem := causal_blocks_problem(causal_blocks)):
-        raise DiffInputError(problem)
+    if layers:
+        if problem := causal_blocks_problem(causal_blocks):
+            raise DiffInputError(problem)
+        causal_blocks = causal_blocks if causal_blocks == "all" else int(causal_blocks)
     t0 = time.perf_counter()
     with executor_for(executor, ray, workers, device) as ex:
         setup = prepare(

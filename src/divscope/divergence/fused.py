@@ -104,7 +104,8 @@ def _js_and_kls_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
 
 def _kl_logits(xp: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     """KL(P||Q) per position of ``P = softmax(xp)``, ``Q = softmax(xq)``: ``(..., V) -> (...)``
-    (``xp`` broadcasts); two ``exp`` per entry instead of :func:`_js_and_kls_logits`' five."""
+    (``xp`` broadcasts); three ``exp`` per entry (two normalisers, ``P``) instead of
+    :func:`_js_and_kls_logits`' four and a ``log``."""
     lp = xp - torch.logsumexp(xp, -1, keepdim=True)
     lq = xq - torch.logsumexp(xq, -1, keepdim=True)
     p = lp.exp()

@@ -33,10 +33,10 @@ def sampling_problem(
         )
     if not _real(top_p) or not 0 < top_p <= 1:
         return f"top_p {top_p!r} must be in (0, 1]. Fix: 1.0 (no nucleus truncation)"
-    if not _integer(max_new_tokens) or max_new_tokens < 1:
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
         return f"max_new_tokens {max_new_tokens!r} must be a positive integer"
     top = SEED_MAX - max(n_seeds - 1, 0)
-    if not _integer(seed) or not 0 <= seed <= top:
+    if not is_integer(seed) or not 0 <= seed <= top:
         return (
             f"seed {seed!r} must be an integer from 0 to {top} (the run seeds its {n_seeds} "
             f"batches or responses with seed + offset, within 0..2**64-1). Fix: a smaller seed"
@@ -48,7 +48,8 @@ def _real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _integer(x: Any) -> bool:
+def is_integer(x: Any) -> bool:
+    """Whether ``x`` is an integer (Python's or numpy's), not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
@@ -89,16 +90,17 @@ def prompt_name(index: int | str, text: str) -> str:
     return f"prompt {index} ({head + ('...' if len(text) > 40 else '')!r})"
 
 
-MAX_HEADER = 100 * 2**20  # safetensors caps its JSON header at 100 MB
+MAX_HEADER = 100_000_000  # safetensors refuses a JSON header longer than this
 
 
 def safetensors_header(path: Path) -> tuple[bytes, bytes]:
-    """A ``.safetensors`` file's 8-byte header length and its JSON header, unparsed (at most
-    :data:`MAX_HEADER` bytes of it; fewer than 8 bytes for a file that short)."""
+    """A ``.safetensors`` file's 8-byte header length and its JSON header, unparsed (empty
+    when the length is over :data:`MAX_HEADER`, which is then not read; fewer than 8 bytes
+    for a file that short)."""
     with path.open("rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        return head, f.read(min(n, MAX_HEADER))
+        return head, f.read(n) if n <= MAX_HEADER else b""
 
 
 def safetensors_problem(path: Path) -> str | None:
