@@ -53,6 +53,7 @@ from divscope.params import (
     check_backend,
     check_choice,
     check_device,
+    check_indices,
     check_int,
     check_model,
     check_output_dir,
@@ -93,6 +94,7 @@ check_choice("DTYPE", DTYPE, DTYPES)
 check_path("PERSONAS_FILE", PERSONAS_FILE)
 check_path("QUESTIONS_FILE", QUESTIONS_FILE)
 check_int("MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+check_indices("LAYERS", LAYERS)
 check_int("EXPLAIN_PAIRS", EXPLAIN_PAIRS, minimum=0)
 check_path("LEAKAGE_FILE", LEAKAGE_FILE, none=True, directory=True)
 check_workers("WORKERS", WORKERS, "RAY_ADDRESS", RAY_ADDRESS)

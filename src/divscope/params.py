@@ -144,6 +144,17 @@ def check_causal_blocks(name: str, value: Any) -> None:
         raise ParameterError(name, value, why, "an integer >= 0 or 'all'")
 
 
+def check_indices(name: str, value: Any) -> None:
+    """``value`` must be None or a non-empty list of integers >= 0 (the model's own upper
+    bound is checked where it loads)."""
+    ok = value is None or (
+        isinstance(value, list | tuple) and len(value) > 0
+        and all(is_integer(v) and v >= 0 for v in value)
+    )  # fmt: skip
+    if not ok:
+        raise ParameterError(name, value, "not a list of indices", "None or e.g. [8, 15, 22, 30]")
+
+
 def check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
     """``value`` must be a finite number >= ``minimum``."""
     ok = isinstance(value, int | float) and not isinstance(value, bool)

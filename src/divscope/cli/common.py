@@ -74,6 +74,19 @@ def at_least(minimum: int) -> Callable[[str], int]:
 POSITIVE = at_least(1)
 
 
+def index_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 0 (``"8,15,22"``)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers (e.g. 8,15,22)"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: indices must be >= 0")
+    return values
+
+
 def command(sub: Any, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:  # noqa: A002
     """A subcommand whose ``--help`` opens with its one-line summary (unless it has more)."""
     kwargs.setdefault("description", help[0].upper() + help[1:] + ".")

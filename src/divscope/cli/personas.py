@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from divscope.cli.common import POSITIVE, at_least, command, executor_options
+from divscope.cli.common import POSITIVE, at_least, command, executor_options, index_list
 from divscope.execution.executors import make_executor
 from divscope.models.load import DTYPES
 from divscope.report.tables import fmt
@@ -44,6 +44,7 @@ def add_parser(sub: Any) -> None:
     pe.add_argument("--seed", type=int, default=0, help="sampling seed")
     pe.add_argument(
         "--layers",
+        type=index_list,
         default=None,
         help="comma-separated hidden_states indices (default: 4 evenly spaced)",
     )
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     gen |= {"top_p": args.top_p, "seed": args.seed}
     check_generation(len(personas), len(questions), gen, args.backend, noise_floor=True)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    layers = args.layers
     executor = make_executor(args.ray, args.workers, device=args.device)
     # with Ray the workers load the model; here only to explain pairs afterwards
     want = not executor.remote or args.explain_pairs

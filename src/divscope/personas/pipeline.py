@@ -152,7 +152,12 @@ def prepare(
     n_layers = model.config.num_hidden_layers
     layers = layers or default_layers(n_layers)
     if any(not 0 <= x <= n_layers for x in layers):
-        raise ValueError(f"layers must be in 0..{n_layers} (hidden_states indices)")
+        fix = default_layers(n_layers)
+        raise PersonaDataError(
+            f"layers {layers}: hidden_states indices of {model_name} are 0..{n_layers} (0 the "
+            f"embeddings, {n_layers} the last block). Fix: e.g. --layers "
+            f"{','.join(map(str, fix))} (persona_js_demo: LAYERS = {fix})"
+        )
     renderer = PromptRenderer(tok)
     all_personas = list(personas)
     if noise_floor:
