@@ -11,9 +11,8 @@ from divscope.diff.conditions import Condition, DiffInputError, check_adapter_di
 from divscope.models.checks import (
     context_limit,
     context_problem,
+    generation_problem,
     prompt_name,
-    sampling_problem,
-    vllm_problem,
     weights_problem,
 )
 from divscope.sampling.prompts import PromptItem, text_problem
@@ -37,16 +36,11 @@ def check_inputs(
     n_s = params["samples"]
     if isinstance(n_s, bool) or not isinstance(n_s, int) or n_s < 1:
         raise DiffInputError(f"samples {n_s!r} must be a positive integer")
-    problem = sampling_problem(
-        params["temperature"], params["top_p"], params["seed"], len(prompts) * n_s,
-        params["max_new_tokens"],
-    )  # fmt: skip
-    if problem:
+    # an unknown backend is not "vllm": generation_problem's sampling checks come first
+    if problem := generation_problem(params, len(prompts) * n_s, backend):
         raise DiffInputError(problem)
     if backend not in BACKENDS:
         raise DiffInputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "vllm" and (problem := vllm_problem()):
-        raise DiffInputError(problem)
     for p in prompts:
         if problem := text_problem(p.prompt, f"prompt {p.index}"):
             raise DiffInputError(problem)

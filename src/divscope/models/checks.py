@@ -161,3 +161,15 @@ def vllm_problem() -> str | None:
             "'divscope[vllm]' on a CUDA machine, or use backend 'hf' (transformers)"
         )
     return None
+
+
+def generation_problem(gen: dict[str, Any], n_seeds: int, backend: str) -> str | None:
+    """What is wrong with a run's generation, before any model loads: :func:`sampling_problem`
+    of ``gen``'s ``temperature``, ``top_p``, ``seed`` (``n_seeds`` seeds derived from it) and
+    ``max_new_tokens``, then :func:`vllm_problem` where ``backend`` is ``"vllm"``."""
+    problem = sampling_problem(
+        gen["temperature"], gen["top_p"], gen["seed"], n_seeds, gen["max_new_tokens"]
+    )
+    if problem is None and backend == "vllm":
+        problem = vllm_problem()
+    return problem

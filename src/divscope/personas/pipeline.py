@@ -22,7 +22,7 @@ import numpy as np
 
 from divscope.execution.executors import Executor, Pool, executor_for
 from divscope.models.chat import PromptRenderer
-from divscope.models.checks import context_limit, context_problem, sampling_problem, vllm_problem
+from divscope.models.checks import context_limit, context_problem, generation_problem
 from divscope.models.generate import gen_chunks, generate_cached, sampling_record
 from divscope.models.load import (
     cache_dir,
@@ -415,11 +415,7 @@ def check_generation(
     """Refuse (:class:`PersonaDataError`) sampling parameters ``gen`` (``max_new_tokens``,
     ``temperature``, ``top_p``, ``seed``) a run cannot use, or a backend that is not
     installed: before any model loads."""
-    n_seeds = (n_personas + noise_floor) * n_questions
-    problem = sampling_problem(
-        gen["temperature"], gen["top_p"], gen["seed"], n_seeds, gen["max_new_tokens"]
-    )
-    if problem or (backend == "vllm" and (problem := vllm_problem())):
+    if problem := generation_problem(gen, (n_personas + noise_floor) * n_questions, backend):
         raise PersonaDataError(problem)
 
 
